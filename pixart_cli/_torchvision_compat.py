@@ -1,0 +1,39 @@
+"""Make torchvision importable beside a CPU build of torch.
+
+The only torchvision release that matches torch 2.13.0 (0.28.0) is published on PyPI as a CUDA build. Beside
+the CPU torch wheel its compiled extension does not load, and its Python side then fails at import time with
+``operator torchvision::nms does not exist`` while registering fake kernels for those operators. transformers,
+diffusers and clean-fid import torchvision when it is installed, so that failure would break all of them.
+
+Declaring the two operator schemas before torchvision is first imported lets its import succeed. Transforms,
+datasets and model definitions (all we use, e.g. clean-fid's Inception) then work; torchvision's compiled ops
+(``nms``, ``roi_align``, ...) stay unavailable, and calling them raises as before.
+
+This module must be imported before anything imports torchvision; ``pixart_cli/__init__.py`` does so first.
+It changes nothing where torchvision's extension loads (a matching CUDA or CPU build).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+_library: torch.library.Library | None = None  # kept alive: the schemas vanish with the object
+
+
+def _install() -> None:
+    global _library
+    if _library is not None or importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - present when torchvision's extension already loaded
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    _library = torch.library.Library("torchvision", "DEF")
+    _library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+_install()

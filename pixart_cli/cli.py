@@ -1,0 +1,141 @@
+"""The ``pixart`` command line: each command parses, validates, prints with rich and calls one library function."""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+from pixart_cli.errors import PixartError
+
+app = typer.Typer(
+    name="pixart",
+    help="Train, sample, convert and evaluate PixArt-α text-to-image diffusion transformers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def fails_cleanly(func: F) -> F:
+    """Turn a PixartError into one red line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except PixartError as exc:
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class DType(str, enum.Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+    @property
+    def torch(self):
+        import torch
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+
+
+class Target(str, enum.Enum):
+    pixart = "pixart"
+    diffusers = "diffusers"
+    official = "official"
+
+
+@app.command()
+@fails_cleanly
+def convert(
+    src: Annotated[Path, typer.Argument(help="Our checkpoint dir, an official .pth, or a diffusers dir.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.")],
+    to: Annotated[Target, typer.Option("--to", help="Target format.")] = Target.pixart,
+    ema: Annotated[
+        bool | None,
+        typer.Option(
+            "--ema/--no-ema",
+            help="Write only the EMA / only the raw weights. Default: keep both where the target holds both "
+            "(pixart, official); EMA when present for diffusers.",
+        ),
+    ] = None,
+    dtype: Annotated[DType | None, typer.Option("--dtype", help="Cast weights (default: keep).")] = None,
+    t5: Annotated[str | None, typer.Option("--t5", help="T5 dir or hub id (diffusers: full pipeline).")] = None,
+    vae: Annotated[str | None, typer.Option("--vae", help="VAE dir or hub id (diffusers: full pipeline).")] = None,
+    num_heads: Annotated[
+        int | None, typer.Option("--num-heads", help="Attention heads, for widths outside the DiT family.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+) -> None:
+    """Convert a PixArt checkpoint between our format, the official .pth and diffusers (source detected)."""
+    from pixart_cli.convert import convert as run_convert
+
+    report = run_convert(
+        src,
+        output,
+        to.value,
+        ema=ema,
+        dtype=dtype.torch if dtype else None,
+        t5=t5,
+        vae=vae,
+        num_heads=num_heads,
+        overwrite=overwrite,
+    )
+    console.print(f"read {report.source_format} checkpoint [bold]{src}[/] ({report.weights} weights)")
+    for key, why in report.dropped.items():
+        console.print(f"  dropped {key}: {why}")
+    for key, why in report.created.items():
+        console.print(f"  created {key}: {why}")
+    console.print(f"wrote {report.target} → [bold]{report.destination}[/]")
+
+
+@app.command("init-from-dit")
+@fails_cleanly
+def init_from_dit(
+    checkpoint: Annotated[Path, typer.Argument(help="DiT weights: raw state dict, DiT train.py checkpoint, or ours.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Checkpoint directory to write.")] = None,
+    t: Annotated[float, typer.Option("--t", help="Timestep at which PixArt reproduces DiT exactly.")] = 500.0,
+    caption_channels: Annotated[int, typer.Option("--caption-channels", help="T5 feature width.")] = 4096,
+    max_length: Annotated[int, typer.Option("--max-length", help="Caption tokens.")] = 120,
+    num_heads: Annotated[int | None, typer.Option("--num-heads", help="For widths outside the DiT family.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the new caption layers.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+) -> None:
+    """Initialise a PixArt model from a class-conditional DiT (the paper's re-parameterisation, at t=500)."""
+    from pixart_cli.checkpoint import save_checkpoint
+    from pixart_cli.init_from_dit import init_from_dit as run
+
+    if caption_channels <= 0 or max_length <= 0:
+        raise PixartError("--caption-channels and --max-length must be positive")
+    result = run(checkpoint, t, caption_channels, max_length, num_heads, seed)
+    output = output or Path(f"{checkpoint.stem if checkpoint.is_file() else checkpoint.name}-pixart")
+    save_checkpoint(result, output, overwrite=overwrite)
+    c = result.config
+    console.print(
+        f"PixArt depth {c.depth}, width {c.hidden_size}, patch {c.patch_size}, input {c.input_size} "
+        f"from DiT at t={t:g} → [bold]{output}[/]"
+    )
+    console.print("[dim]note: DiT's released weights are CC-BY-NC 4.0; derived models inherit that licence.[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

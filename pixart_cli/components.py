@@ -1,0 +1,62 @@
+"""Loading the frozen components around the transformer: the T5 text encoder (+ tokenizer) and the VAE.
+
+Both load from a local directory or a hub id through transformers / diffusers. Without network access a hub id
+that is not in the local cache fails with one line that says how to get the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pixart_cli.errors import PixartError
+
+
+def _offline_hint(name: str, what: str) -> str:
+    return (
+        f"{name}: cannot load the {what}: not a local directory, and not in the Hugging Face cache (no network?). "
+        f"Download it where you have network (`huggingface-cli download {name}`) and pass the directory"
+    )
+
+
+def _resolve(name: str, what: str) -> tuple[str, bool]:
+    """(path or id, local_files_only) — a path that looks local must exist."""
+    if os.path.isdir(name):
+        return name, True
+    if name.startswith((".", "/", "~")) or os.sep in name.rstrip("/").split("/", 1)[-1] or Path(name).suffix:
+        raise PixartError(f"{name}: no such {what} directory")
+    return name, bool(os.environ.get("HF_HUB_OFFLINE"))
+
+
+def load_t5(name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+    """(tokenizer, encoder) from a directory holding both (e.g. ``t5-v1_1-xxl``) or a hub id."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    path, local_only = _resolve(name, "T5")
+    sub = Path(path) / "tokenizer" if (Path(path) / "tokenizer").is_dir() else None
+    enc = Path(path) / "text_encoder" if (Path(path) / "text_encoder").is_dir() else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(sub or path), local_files_only=local_only)
+        encoder = T5EncoderModel.from_pretrained(str(enc or path), torch_dtype=dtype, local_files_only=local_only)
+    except OSError as exc:
+        if os.path.isdir(path):
+            raise PixartError(f"{name}: not a T5 directory ({str(exc).splitlines()[0][:200]})") from None
+        raise PixartError(_offline_hint(name, "T5 text encoder")) from None
+    return tokenizer, encoder.to(device).eval().requires_grad_(False)
+
+
+def load_vae(name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+    """A diffusers ``AutoencoderKL`` from a directory (or a pipeline's ``vae/``) or a hub id."""
+    from diffusers import AutoencoderKL
+
+    path, local_only = _resolve(name, "VAE")
+    sub = Path(path) / "vae" if (Path(path) / "vae").is_dir() else None
+    try:
+        vae = AutoencoderKL.from_pretrained(str(sub or path), torch_dtype=dtype, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        if os.path.isdir(path):
+            raise PixartError(f"{name}: not an AutoencoderKL directory ({str(exc).splitlines()[0][:200]})") from None
+        raise PixartError(_offline_hint(name, "VAE")) from None
+    return vae.to(device).eval().requires_grad_(False)

@@ -1,0 +1,110 @@
+"""File-system helpers: safe loading of PyTorch pickles and atomic writes of files and directories."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import shutil
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pixart_cli.errors import PixartError
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise PixartError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise PixartError(
+                f"{path}: refusing to load: this pickle needs to run code to load (only tensors and plain "
+                "containers are accepted; convert it to safetensors with a trusted tool first)"
+            ) from None
+        raise PixartError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PixartError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _temp_sibling(dst: Path, kind: str) -> Path:
+    return dst.parent / f".{dst.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _prepare_parent(dst: Path, overwrite: bool) -> None:
+    if dst.exists() and not overwrite:
+        raise PixartError(f"{dst}: already exists (pass --overwrite to replace it)")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PixartError(f"{dst.parent}: cannot create the output directory ({exc.strerror})") from None
+    if not os.access(dst.parent, os.W_OK):
+        raise PixartError(f"{dst.parent}: output directory is not writable")
+
+
+def _replace(tmp: Path, dst: Path) -> None:
+    """Move ``tmp`` to ``dst``; an existing ``dst`` disappears only once the new one is complete."""
+    old = None
+    if dst.exists():
+        old = _temp_sibling(dst, "old")
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(dst.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``dst``; on success it is synced and renamed to ``dst``.
+
+    An exception (or a kill) leaves ``dst`` untouched: the hidden temporary directory is removed on error and,
+    after a kill, never has the final name, so nothing half-written is ever picked up.
+    """
+    dst = Path(dst)
+    _prepare_parent(dst, overwrite)
+    tmp = _temp_sibling(dst, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Like :func:`atomic_directory` for a single file: write to the yielded path, renamed on success."""
+    dst = Path(dst)
+    _prepare_parent(dst, overwrite)
+    tmp = _temp_sibling(dst, "tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        _replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,114 @@
+"""Building blocks shared by the PixArt-α and DiT transformers (same maths, same state-dict names)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FREQUENCY_EMBEDDING_SIZE = 256
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of (possibly fractional) timesteps, ordered [cos, sin] as in DiT and PixArt."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar → sinusoidal features → Linear–SiLU–Linear (keys ``mlp.0``, ``mlp.2``)."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = FREQUENCY_EMBEDDING_SIZE) -> None:
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_size).to(self.mlp[0].weight.dtype))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches through a conv with kernel = stride = patch (key ``proj``)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # B, C, H, W -> B, H*W, C
+
+
+class Mlp(nn.Module):
+    """fc1 → GELU(tanh) → fc2, the transformer MLP of DiT and PixArt (and PixArt's caption projection)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection, through ``scaled_dot_product_attention``."""
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def sincos_pos_embed_2d(
+    hidden_size: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float = 1.0
+) -> torch.Tensor:
+    """Fixed 2-D sin-cos positional embedding for an h×w patch grid, shape (h*w, hidden_size), float32.
+
+    Grid coordinate = ``arange(n) / (n / base_size) / interpolation_scale`` (PixArt's convention: a grid of
+    ``base_size`` spans the same coordinate range at any resolution). Tokens are row-major; the first half of the
+    channels encodes the column coordinate, the second half the row coordinate, each as [sin, cos]. Coordinates
+    are float32 and the trigonometry float64, matching the official numpy code and diffusers to the last bit.
+    """
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 for a 2-D sin-cos embedding")
+    rows = torch.arange(grid_h, dtype=torch.float32) / (grid_h / base_size) / interpolation_scale
+    cols = torch.arange(grid_w, dtype=torch.float32) / (grid_w / base_size) / interpolation_scale
+    row_coord, col_coord = torch.meshgrid(rows, cols, indexing="ij")
+
+    def embed_1d(pos: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(hidden_size // 4, dtype=torch.float64) / (hidden_size / 4))
+        out = pos.reshape(-1).double()[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([embed_1d(col_coord), embed_1d(row_coord)], dim=1).float()
+
+
+def unpatchify(x: torch.Tensor, channels: int, patch_size: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """(B, h*w, p*p*C) tokens → (B, C, h*p, w*p) image."""
+    b = x.shape[0]
+    x = x.reshape(b, grid_h, grid_w, patch_size, patch_size, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, grid_h * patch_size, grid_w * patch_size)
+
+
+def layer_norm(hidden_size: int) -> nn.LayerNorm:
+    """LayerNorm without affine parameters (so it has no state-dict keys), eps 1e-6."""
+    return nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
