@@ -1,57 +1,15 @@
-"""The ``pixart`` command line: each command parses, validates, prints with rich and calls one library function."""
+"""`pixart convert` and `pixart init-from-dit`."""
 
 from __future__ import annotations
 
 import enum
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from pixart_cli.cli.common import DType, app, console, fails_cleanly
 from pixart_cli.errors import PixartError
-
-app = typer.Typer(
-    name="pixart",
-    help="Train, sample, convert and evaluate PixArt-α text-to-image diffusion transformers.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console(stderr=True, highlight=False)
-
-F = TypeVar("F", bound=Callable[..., object])
-
-
-def fails_cleanly(func: F) -> F:
-    """Turn a PixartError into one red line on stderr and exit code 2 (no traceback)."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except PixartError as exc:
-            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-class DType(str, enum.Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-    @property
-    def torch(self):
-        import torch
-
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
 
 
 class Target(str, enum.Enum):
@@ -131,11 +89,3 @@ def init_from_dit(
         f"from DiT at t={t:g} → [bold]{output}[/]"
     )
     console.print("[dim]note: DiT's released weights are CC-BY-NC 4.0; derived models inherit that licence.[/]")
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

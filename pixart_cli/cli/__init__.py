@@ -1,0 +1,14 @@
+"""The ``pixart`` command line: each command parses, validates, prints with rich and calls one library function.
+
+Commands live one module per topic and register themselves on the shared Typer ``app`` when imported here.
+"""
+
+from pixart_cli.cli import convert  # noqa: F401  (registers convert, init-from-dit)
+from pixart_cli.cli.common import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]
