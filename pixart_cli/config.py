@@ -77,6 +77,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             _convert(key_type, k, _name(path, str(k))): _convert(value_type, v, _name(path, str(k)))
             for k, v in value.items()
         }
+    if tp is dict:  # an untyped section, validated later by whoever knows its schema
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {_describe(value)}")
+        return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")

@@ -159,11 +159,11 @@ def _num_heads(hidden: int, num_heads: int | None, what: str) -> int:
     return heads
 
 
-def infer_interpolation_scale(pos_embed: torch.Tensor, hidden: int) -> float:
+def infer_interpolation_scale(pos_embed: torch.Tensor, hidden: int, what: str = "checkpoint") -> float:
     """Read the scale back from a stored sin-cos embedding: token 1 encodes column 1/scale in channels 0 and h/4."""
     angle = math.atan2(float(pos_embed[0, 1, 0]), float(pos_embed[0, 1, hidden // 4]))
     if angle <= 0:
-        raise PixartError("pos_embed: not a sin-cos positional embedding")
+        raise PixartError(f"{what}: pos_embed is not a sin-cos positional embedding")
     return round(1.0 / angle, 4)
 
 
@@ -192,7 +192,7 @@ def official_config(
         if side * side != tokens:
             raise PixartError(f"{what}: pos_embed has {tokens} tokens, not a square grid")
         input_size = side * patch
-        scale = infer_interpolation_scale(state_dict["pos_embed"].float(), hidden)
+        scale = infer_interpolation_scale(state_dict["pos_embed"].float(), hidden, what)
     if input_size is None:
         raise PixartError(f"{what}: missing key pos_embed (needed to know the model's base resolution)")
     try:
@@ -399,7 +399,7 @@ def read_diffusers(path: str | Path, max_length: int = 120) -> Checkpoint:
     return Checkpoint(config, ours, None, meta)
 
 
-def read_any(path: str | Path, num_heads: int | None = None) -> Checkpoint:
+def read_any(path: str | Path, num_heads: int | None = None, max_length: int = 120) -> Checkpoint:
     """Read a PixArt checkpoint in any supported format (detected from the files)."""
     fmt = detect_format(path)
     if fmt == "pixart":
@@ -411,7 +411,7 @@ def read_any(path: str | Path, num_heads: int | None = None) -> Checkpoint:
         return read_official(path, num_heads)
     if fmt == "dit":
         raise PixartError(f"{path}: a DiT checkpoint, not a PixArt one (use `pixart init-from-dit`)")
-    return read_diffusers(path)
+    return read_diffusers(path, max_length)
 
 
 #################################################################################
@@ -502,15 +502,17 @@ def convert(
     t5: str | None = None,
     vae: str | None = None,
     num_heads: int | None = None,
+    max_length: int = 120,
     overwrite: bool = False,
 ) -> ConvertReport:
     """Convert ``src`` (format detected) to ``to`` at ``dst``.
 
     ``ema``: None keeps both weight sets where the target can hold both (ours, official) and takes the EMA weights
-    for diffusers; True/False write only the EMA / only the raw weights.
+    for diffusers; True/False write only the EMA / only the raw weights. ``num_heads`` and ``max_length`` fill
+    in what a source does not record (heads: official weights of a non-family width; caption length: diffusers).
     """
     fmt = detect_format(src)
-    checkpoint = read_any(src, num_heads)
+    checkpoint = read_any(src, num_heads, max_length)
     if dtype is not None:
         checkpoint = checkpoint.to_dtype(dtype)
     report = ConvertReport(fmt, to, Path(dst), weights="model")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import pickletools
 import shutil
 import uuid
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,18 +25,45 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise PixartError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files we reject anyway
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        foreign = [name for name in _pickle_globals(path) if not name.startswith(_SAFE_MODULES)]
+        if foreign:
             raise PixartError(
-                f"{path}: refusing to load: this pickle needs to run code to load (only tensors and plain "
-                "containers are accepted; convert it to safetensors with a trusted tool first)"
+                f"{path}: refusing to load: this pickle would run code ({foreign[0]}); only tensors and plain "
+                "containers are accepted (convert it to safetensors with a tool you trust)"
             ) from None
-        raise PixartError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PixartError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+        raise PixartError(f"{path}: not a PyTorch checkpoint file") from None
+    except Exception as exc:  # any malformed file: pickle raises KeyError, EOFError, ... depending on the bytes
+        detail = str(exc).strip().splitlines()[0][:200] if len(str(exc).strip()) > 8 else ""
+        raise PixartError(f"{path}: not a PyTorch checkpoint file{f' ({detail})' if detail else ''}") from None
+
+
+_SAFE_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy")
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The importable names a pickle refers to (what it would run), read without unpickling anything."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(member) if member else b""
+        else:
+            data = path.read_bytes()
+        names, strings = [], []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+                strings.append(arg)
+            elif opcode.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+        return names
+    except Exception:  # not a pickle at all
+        return []
 
 
 def _fsync_tree(root: Path) -> None:

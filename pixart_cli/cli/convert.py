@@ -38,6 +38,9 @@ def convert(
     num_heads: Annotated[
         int | None, typer.Option("--num-heads", help="Attention heads, for widths outside the DiT family.")
     ] = None,
+    max_length: Annotated[
+        int, typer.Option("--max-length", help="Caption tokens, for diffusers sources (they do not record it).")
+    ] = 120,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
 ) -> None:
     """Convert a PixArt checkpoint between our format, the official .pth and diffusers (source detected)."""
@@ -52,6 +55,7 @@ def convert(
         t5=t5,
         vae=vae,
         num_heads=num_heads,
+        max_length=max_length,
         overwrite=overwrite,
     )
     console.print(f"read {report.source_format} checkpoint [bold]{src}[/] ({report.weights} weights)")
