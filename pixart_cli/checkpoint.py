@@ -118,8 +118,8 @@ def check_state_dict(state_dict: StateDict, config: PixArtConfig | DiTConfig, wh
         raise PixartError(f"{what}: does not match the model config ({'; '.join(problems)})")
 
 
-def save_checkpoint(checkpoint: Checkpoint, directory: str | Path, overwrite: bool = False) -> Path:
-    """Write ``checkpoint`` as a self-describing directory, atomically."""
+def write_checkpoint_files(checkpoint: Checkpoint, directory: Path) -> None:
+    """Write config and weights into an existing (temporary) directory; see :func:`save_checkpoint`."""
     check_state_dict(checkpoint.state_dict, checkpoint.config, "model weights")
     if checkpoint.ema_state_dict is not None:
         check_state_dict(checkpoint.ema_state_dict, checkpoint.config, "EMA weights")
@@ -131,12 +131,18 @@ def save_checkpoint(checkpoint: Checkpoint, directory: str | Path, overwrite: bo
         "meta": to_dict(checkpoint.meta),
         "pixart_version": pixart_cli.__version__,
     }
+    for name, sd in ((MODEL_FILE, checkpoint.state_dict), (EMA_FILE, checkpoint.ema_state_dict)):
+        if sd is not None:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+            save_file(tensors, str(directory / name), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def save_checkpoint(checkpoint: Checkpoint, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write ``checkpoint`` as a self-describing directory, atomically."""
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-        for name, sd in ((MODEL_FILE, checkpoint.state_dict), (EMA_FILE, checkpoint.ema_state_dict)):
-            if sd is not None:
-                save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / name), metadata={"format": "pt"})
+        write_checkpoint_files(checkpoint, tmp)
     return directory
 
 

@@ -1,0 +1,205 @@
+"""Training recipes: YAML validated into typed, frozen config objects.
+
+A recipe describes one training stage completely: the model (and what it starts from), the data, the optimiser,
+the schedule, where checkpoints go, logging and sampling, and the cluster layout it was sized for. Unknown keys
+and wrong types are errors naming the dotted path (``optim.lr``); ``--set optim.lr=1e-4`` overrides go through the
+same validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pixart_cli.config import ConfigError, apply_overrides, from_dict, to_dict
+from pixart_cli.errors import PixartError
+from pixart_cli.models import DIT_VARIANTS, PIXART_VARIANTS, DiTConfig, PixArtConfig
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    architecture: Literal["PixArt", "DiT"] = "PixArt"
+    variant: str = "PixArt-XL/2"  # a named variant (PixArt-*/DiT-*), refined by `config`
+    config: dict[str, Any] = field(default_factory=dict)  # PixArtConfig / DiTConfig fields overriding the variant
+    init: str | None = None  # checkpoint to start from: ours, official .pth, diffusers, or a DiT file (stage 1)
+    init_weights: Literal["model", "ema"] = "ema"  # which weights of `init` to start from, when it has both
+    gradient_checkpointing: bool = True
+    compile: bool = False  # torch.compile each transformer block
+
+    def __post_init__(self) -> None:
+        known = PIXART_VARIANTS if self.architecture == "PixArt" else DIT_VARIANTS
+        if self.variant not in known:
+            raise ValueError(
+                f"variant: unknown {self.architecture} variant {self.variant!r} (known: {', '.join(known)})"
+            )
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str | None = None  # image folder with .txt captions, JSONL manifest, or class-folder tree (stage 1)
+    kind: Literal["auto", "captions", "manifest", "classes"] = "auto"
+    cache: str | None = None  # feature cache from `pixart prepare`; used when it exists, else encode on the fly
+    resolution: int = 256  # pixels (the bucket table's base size when multi_scale)
+    multi_scale: bool = False  # aspect-ratio buckets; every batch holds one bucket
+    text_encoder: str | None = "DeepFloyd/t5-v1_1-xxl"  # T5 directory or hub id (PixArt stages)
+    vae: str = "stabilityai/sd-vae-ft-ema"  # AutoencoderKL directory or hub id, or "none" (pixel space)
+    shapes: dict[str, Any] | None = None  # generate a ShapesWorld dataset at `path` on first use (see shapes.py)
+    num_workers: int = 2
+    max_bad_fraction: float = 0.01  # abort when more of the images than this are unreadable
+
+    def __post_init__(self) -> None:
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ValueError(f"resolution: must be a positive multiple of 8, got {self.resolution}")
+        if not 0 <= self.max_bad_fraction < 1:
+            raise ValueError("max_bad_fraction: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 2e-5  # at the reference batch; see lr_scaling
+    weight_decay: float = 0.03
+    eps: float = 1e-10
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 0.01
+    warmup_steps: int = 1000  # linear warm-up, then constant
+    lr_scaling: Literal["none", "sqrt"] = "sqrt"  # lr × sqrt(global_batch / reference_batch) (official auto_lr)
+    reference_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError("optim: lr and eps must be positive; weight_decay, grad_clip, warmup_steps ≥ 0")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 10000  # optimiser steps
+    batch_size: int = 32  # per GPU (per process), per micro-step
+    grad_accumulation: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    ema_decay: float = 0.9999
+    caption_dropout: float = 0.1  # probability of the null caption (the null class for DiT): CFG training
+    seed: int = 43
+    nan_policy: Literal["stop", "skip"] = "stop"  # on a non-finite loss or gradient
+    tf32: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accumulation <= 0:
+            raise ValueError("train: steps, batch_size and grad_accumulation must be positive")
+        if not 0 <= self.ema_decay < 1 or not 0 <= self.caption_dropout < 1:
+            raise ValueError("train: ema_decay and caption_dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    dir: str = "outputs/run"
+    save_every: int = 1000  # steps between checkpoints (one more at the end)
+    keep_last: int = 3  # checkpoints kept (older ones are deleted after a newer one is complete)
+
+    def __post_init__(self) -> None:
+        if self.save_every <= 0 or self.keep_last <= 0:
+            raise ValueError("output: save_every and keep_last must be positive")
+
+
+@dataclass(frozen=True)
+class LogSection:
+    every: int = 10  # steps between metric lines
+    sample_every: int = 0  # steps between validation sample grids (EMA weights); 0 = off
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 20
+    sample_cfg: float = 4.5
+    tensorboard: bool = True  # when tensorboard is installed
+
+    def __post_init__(self) -> None:
+        if self.every <= 0 or self.sample_every < 0:
+            raise ValueError("log: every must be positive and sample_every ≥ 0")
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    """The layout the recipe was sized for; `pixart train --dry-run` prints the launch command for it."""
+
+    gpu: str = "A100-80GB"
+    nodes: int = 1
+    gpus_per_node: int = 8
+    launcher: Literal["accelerate", "torchrun"] = "accelerate"
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    stage: int
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    log: LogSection = field(default_factory=LogSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    description: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"stage: must be 1, 2 or 3, got {self.stage}")
+        if self.stage == 1 and self.model.architecture != "DiT":
+            raise ValueError("stage 1 trains the class-conditional DiT: model.architecture must be DiT")
+        if self.stage > 1 and self.model.architecture != "PixArt":
+            raise ValueError(f"stage {self.stage} trains PixArt: model.architecture must be PixArt")
+
+    # -- derived quantities ---------------------------------------------------------------------------------------
+    def model_config(self) -> PixArtConfig | DiTConfig:
+        """The variant with `model.config` overrides applied and validated (multi_scale follows the data)."""
+        base = (PIXART_VARIANTS if self.model.architecture == "PixArt" else DIT_VARIANTS)[self.model.variant]
+        merged = {**to_dict(base), **self.model.config}
+        if isinstance(base, PixArtConfig):
+            merged.setdefault("multi_scale", self.data.multi_scale)
+        return from_dict(type(base), merged, "model.config")
+
+    def global_batch(self, world_size: int | None = None) -> int:
+        return self.train.batch_size * self.train.grad_accumulation * (world_size or self.cluster.world_size)
+
+    def learning_rate(self, world_size: int | None = None) -> float:
+        if self.optim.lr_scaling == "none":
+            return self.optim.lr
+        return self.optim.lr * math.sqrt(self.global_batch(world_size) / self.optim.reference_batch)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, dict]:
+    """Read, override and validate a recipe; returns the typed recipe and its resolved plain form."""
+    path = Path(path)
+    if not path.is_file():
+        raise PixartError(f"{path}: no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise PixartError(f"{path}: invalid YAML{where} ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(raw, dict):
+        raise PixartError(f"{path}: a recipe must be a mapping of sections")
+    try:
+        apply_overrides(raw, list(overrides))
+        recipe = from_dict(Recipe, raw)
+        recipe.model_config()  # validate model.config now, not at step 0
+    except ConfigError as exc:
+        raise PixartError(f"{path}: {exc}") from None
+    return recipe, to_dict(recipe)
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    return from_dict(Recipe, data)
+
+
+def replace(recipe: Recipe, **sections: Any) -> Recipe:
+    """A copy of ``recipe`` with sections replaced by ``dataclasses.replace``-style keyword dicts."""
+    return dataclasses.replace(
+        recipe, **{name: dataclasses.replace(getattr(recipe, name), **values) for name, values in sections.items()}
+    )

@@ -1,0 +1,508 @@
+"""The training loop of all three stages, on accelerate (one CPU process, one GPU, or many nodes).
+
+Stage 1 trains the class-conditional DiT; stages 2 and 3 train PixArt from the previous stage's checkpoint.
+Everything that is random is a pure function of (seed, rank, step): the data order of an epoch, the timesteps,
+the noise, caption dropout and the latent posterior samples. A resumed run therefore needs only the weights,
+the EMA, the optimiser/scheduler state and the data position to continue exactly as if never stopped.
+
+Checkpoints are our checkpoint directories (``pixart sample --model`` reads them directly) plus the training
+state::
+
+    <output.dir>/checkpoints/step-0001000/
+        config.yaml  model.safetensors  ema.safetensors   # the model, as everywhere else
+        recipe.yaml                                       # the resolved recipe that produced it
+        training_state.pt                                 # optimiser, LR schedule, data position (tensors only)
+
+Each is written to a hidden temporary directory and renamed into place, so a killed job never leaves a partial
+checkpoint where ``--resume auto`` would look; only the last ``output.keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+from torch import nn
+
+from pixart_cli.checkpoint import (
+    MODEL_FILE,
+    Checkpoint,
+    CheckpointMeta,
+    build_model,
+    expected_shapes,
+    load_checkpoint,
+    write_checkpoint_files,
+)
+from pixart_cli.diffusion import GaussianDiffusion
+from pixart_cli.errors import PixartError
+from pixart_cli.io import atomic_directory, load_torch_file
+from pixart_cli.models import DiTConfig, PixArtConfig
+from pixart_cli.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.pt"
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.jsonl"
+# Keys a stage may add to what it starts from; anything else missing from `model.init` is an error.
+NEW_IN_MULTI_SCALE = ("csize_embedder.", "ar_embedder.")
+
+
+class TrainingDiverged(PixartError):
+    """The loss or the gradients became NaN/inf."""
+
+
+class Interrupted(PixartError):
+    """SIGTERM/SIGINT: a checkpoint was saved and the run stopped."""
+
+
+#################################################################################
+#                                   Data                                        #
+#################################################################################
+
+
+class BatchSource(Protocol):
+    """Per-process micro-batches in a deterministic order, resumable from a position.
+
+    Each batch is a dict with ``x0`` (B, C, H, W) (latents sampled from the posterior, or pixels) and either
+    ``caption`` (B, L, D) + ``caption_mask`` (B, L) or ``label`` (B,); multi-scale batches add ``resolution``
+    (B, 2) and ``aspect_ratio`` (B, 1). ``iterate`` yields (epoch, index of the next batch in that epoch, batch).
+    """
+
+    def iterate(self, epoch: int, start: int, device: torch.device) -> Iterator[tuple[int, int, dict]]: ...
+
+
+#################################################################################
+#                                   State                                       #
+#################################################################################
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimiser steps completed
+    epoch: int = 0  # data position: the next micro-batch is batch `batch` of epoch `epoch`
+    batch: int = 0
+    images: int = 0  # images seen, all processes together
+
+
+class EMA:
+    """Exponential moving average of the parameters (float32), updated after every optimiser step."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.params = [p.detach().float().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = [p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(self.params, current, 1.0 - self.decay)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict with EMA parameters (buffers such as the null caption are the model's)."""
+        out = {k: v.detach() for k, v in model.state_dict().items()}
+        out.update(dict(zip(self.names, self.params, strict=True)))
+        return out
+
+    def load(self, state_dict: dict[str, torch.Tensor]) -> None:
+        for name, param in zip(self.names, self.params, strict=True):
+            param.copy_(state_dict[name])
+
+
+def _generator(seed: int, rank: int, step: int, stream: int, device: torch.device) -> torch.Generator:
+    """A generator whose state is a pure function of (seed, rank, step, stream): resumable without saved RNG."""
+    mixed = (seed * 1_000_003 + rank * 10_007 + step * 101 + stream) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+#################################################################################
+#                                 Model set-up                                  #
+#################################################################################
+
+
+def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> tuple[dict | None, list[str], str]:
+    """Weights to start from (None: fresh init), the keys initialised fresh, and a one-line description."""
+    if recipe.model.init is None:
+        return None, [], "fresh initialisation"
+    init = str(latest_in_run(recipe.model.init))
+    if isinstance(config, DiTConfig):
+        from pixart_cli.init_from_dit import read_dit
+
+        weights, source_config = read_dit(init, num_heads=config.num_heads)
+        if source_config.num_classes != config.num_classes:
+            raise PixartError(
+                f"model.init: {init} has {source_config.num_classes} classes, the recipe {config.num_classes}"
+            )
+        return weights, [], f"DiT weights from {init}"
+    from pixart_cli.convert import read_any
+
+    checkpoint = read_any(init, num_heads=config.num_heads, max_length=config.max_length)
+    use_ema = recipe.model.init_weights == "ema" and checkpoint.ema_state_dict is not None
+    weights = checkpoint.ema_state_dict if use_ema else checkpoint.state_dict
+    expected = expected_shapes(config)
+    fresh = [k for k in expected if k not in weights]
+    not_allowed = [k for k in fresh if not (config.multi_scale and k.startswith(NEW_IN_MULTI_SCALE))]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k]]
+    if not_allowed or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for label, keys in (("missing", not_allowed), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        )
+        raise PixartError(f"model.init: {init} does not fit the recipe's model ({detail})")
+    return weights, fresh, f"{'EMA' if use_ema else 'model'} weights from {init}"
+
+
+def build_training_model(recipe: Recipe) -> tuple[nn.Module, str]:
+    config = recipe.model_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.train.seed)  # identical initial weights on every process
+        model = build_model(config)
+    weights, fresh, description = initial_weights(recipe, config)
+    if weights is not None:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        assert sorted(missing) == sorted(fresh) and not unexpected, (missing, unexpected)  # checked above
+        if fresh:
+            description += (
+                f" ({len(fresh)} new keys initialised: {', '.join(sorted({k.split('.')[0] for k in fresh}))})"
+            )
+    model.enable_gradient_checkpointing(recipe.model.gradient_checkpointing)
+    return model, description
+
+
+#################################################################################
+#                                 Checkpoints                                   #
+#################################################################################
+
+
+def checkpoint_dirs(output: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``output`` as (step, path), oldest first; the step is read from the state file."""
+    root = Path(output) / CHECKPOINTS
+    found = []
+    for path in root.glob("step-*") if root.is_dir() else []:
+        state = path / STATE_FILE
+        if path.is_dir() and state.is_file() and (path / MODEL_FILE).is_file():
+            try:
+                found.append((int(load_torch_file(state)["position"]["step"]), path))
+            except (PixartError, KeyError, TypeError, ValueError):
+                logger.warning("ignoring unreadable checkpoint %s", path)
+    return sorted(found)
+
+
+def latest_in_run(path: str | Path) -> Path:
+    """A training run's output directory stands for its latest checkpoint; any other path for itself."""
+    found = checkpoint_dirs(path) if (Path(path) / CHECKPOINTS).is_dir() else []
+    return found[-1][1] if found else Path(path)
+
+
+def resolve_resume(resume: str | None, output: str | Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = checkpoint_dirs(output)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise PixartError(f"--resume {resume}: not a training checkpoint (no {STATE_FILE})")
+    return path
+
+
+def _meta(recipe: Recipe, source: str) -> CheckpointMeta:
+    if recipe.model.architecture == "DiT":
+        return CheckpointMeta(vae=recipe.data.vae, source=source)
+    return CheckpointMeta(text_encoder=recipe.data.text_encoder, vae=recipe.data.vae, source=source)
+
+
+def save_training_checkpoint(
+    output: Path,
+    recipe: Recipe,
+    resolved: dict,
+    model: nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    position: Position,
+) -> Path:
+    """Write one checkpoint directory atomically (main process only) and prune old ones."""
+    directory = output / CHECKPOINTS / f"step-{position.step:07d}"
+    meta = _meta(recipe, f"{recipe.name} step {position.step}")
+    checkpoint = Checkpoint(recipe.model_config(), model.state_dict(), ema.state_dict(model), meta)
+    with atomic_directory(directory, overwrite=True) as tmp:
+        write_checkpoint_files(checkpoint, tmp)
+        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        state = {
+            "position": dataclasses.asdict(position),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
+        torch.save(state, tmp / STATE_FILE)
+    for _, old in checkpoint_dirs(output)[: -recipe.output.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+#################################################################################
+#                                   The loop                                    #
+#################################################################################
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    steps: int
+    final_loss: float
+    metrics: Path
+
+
+def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def _forward(model: nn.Module, batch: dict, x_t: torch.Tensor, t: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    if "label" in batch:
+        return model(x_t, t, batch["label"], drop_label=drop)
+    return model(
+        x_t,
+        t,
+        batch["caption"],
+        batch.get("caption_mask"),
+        drop_caption=drop,
+        resolution=batch.get("resolution"),
+        aspect_ratio=batch.get("aspect_ratio"),
+    )
+
+
+class _StopFlag:
+    """Records SIGTERM/SIGINT so the loop can save a checkpoint at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(
+    recipe: Recipe,
+    resolved: dict,
+    batches: BatchSource,
+    *,
+    resume: str | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    on_sample: Callable[[nn.Module, int], None] | None = None,
+    accelerator: Any = None,
+) -> TrainResult:
+    """Run (or continue) the training described by ``recipe``; returns the last checkpoint.
+
+    ``batches`` supplies per-process micro-batches (see :class:`BatchSource`); ``on_log`` receives metric dicts
+    (main process); ``on_sample`` is called with the EMA model every ``log.sample_every`` steps.
+    """
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=not torch.cuda.is_available())
+    torch.backends.cuda.matmul.allow_tf32 = recipe.train.tf32
+    torch.backends.cudnn.allow_tf32 = recipe.train.tf32
+    output = Path(recipe.output.dir)
+    if acc.is_main_process:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            (output / ".write-test").touch()
+            (output / ".write-test").unlink()
+        except OSError as exc:
+            raise PixartError(f"output.dir: cannot write to {output} ({exc.strerror})") from None
+
+    model, description = build_training_model(recipe)
+    logger.info("model: %s", description)
+    ema = EMA(model, recipe.train.ema_decay)
+    lr = recipe.learning_rate(acc.num_processes)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=lr,
+        betas=recipe.optim.betas,
+        eps=recipe.optim.eps,
+        weight_decay=recipe.optim.weight_decay,
+        fused=acc.device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(recipe.optim.warmup_steps))
+    position = Position()
+
+    start = resolve_resume(resume, output)
+    if start is not None:
+        ckpt = load_checkpoint(start)
+        model.load_state_dict(ckpt.state_dict, strict=True)
+        ema.load(ckpt.ema_state_dict or ckpt.state_dict)
+        state = load_torch_file(start / STATE_FILE)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        position = Position(**state["position"])
+        logger.info("resumed from %s at step %d", start, position.step)
+    elif resume not in (None, "auto"):
+        raise PixartError(f"--resume {resume}: nothing to resume")
+
+    if recipe.model.compile:
+        for block in model.blocks:
+            block.compile()
+    ema.params = [p.to(acc.device) for p in ema.params]
+    model, optimizer = acc.prepare(model, optimizer)
+    raw_model = acc.unwrap_model(model)
+    diffusion = GaussianDiffusion(learn_sigma=raw_model.config.learn_sigma)
+    accumulation = recipe.train.grad_accumulation
+    rank, device, seed = acc.process_index, acc.device, recipe.train.seed
+    metrics_path = output / METRICS_FILE
+    existing = checkpoint_dirs(output)
+    last = existing[-1][1] if existing else None
+    if acc.is_main_process and metrics_path.exists():  # forget metrics logged after the checkpoint we resume
+        kept = [line for line in metrics_path.read_text().splitlines() if _step_of(line) <= position.step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    losses: list[float] = []
+    window_images, window_start = 0, time.perf_counter()
+
+    data = batches.iterate(position.epoch, position.batch, device)
+    with _StopFlag() as stop, contextlib.ExitStack() as stack:
+        metrics = stack.enter_context(open(metrics_path, "a")) if acc.is_main_process else None
+        while position.step < recipe.train.steps:
+            step = position.step
+            model.train()
+            step_loss = torch.zeros((), device=device)
+            step_images = 0
+            for micro in range(accumulation):
+                epoch, next_batch, batch = next(data)
+                g = _generator(seed, rank, step, micro, device)
+                x0 = batch["x0"]
+                b = x0.shape[0]
+                t = torch.randint(0, diffusion.num_timesteps, (b,), generator=g, device=device)
+                noise = torch.randn(x0.shape, generator=g, device=device, dtype=x0.dtype)
+                drop = torch.rand(b, generator=g, device=device) < recipe.train.caption_dropout
+                x_t = diffusion.q_sample(x0, t, noise)
+                sync = contextlib.nullcontext() if micro == accumulation - 1 else acc.no_sync(model)
+                with sync, acc.autocast():
+                    output_ = _forward(model, batch, x_t, t, drop)
+                    loss = diffusion.training_losses(output_, x0, t, noise)["loss"].mean()
+                acc.backward(loss / accumulation)
+                step_loss += loss.detach() / accumulation
+                position.epoch, position.batch = epoch, next_batch
+                position.images += b * acc.num_processes
+                step_images += b * acc.num_processes
+            grad_norm = acc.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip or math.inf)
+            finite = bool(torch.isfinite(step_loss)) and (
+                recipe.train.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm))
+            )  # one host sync per step; fp16 overflow in the gradients is the grad scaler's business
+            if not finite:
+                if recipe.train.nan_policy == "stop":
+                    where = f"last good checkpoint: {last}" if last else "no checkpoint was written"
+                    raise TrainingDiverged(f"non-finite loss or gradient at step {step + 1}; stopped ({where})")
+                logger.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
+                optimizer.zero_grad(set_to_none=True)
+                position.step += 1
+                continue
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(raw_model)
+            position.step += 1
+
+            loss_value = acc.reduce(step_loss, "mean").item()
+            losses.append(loss_value)
+            window_images += step_images
+            if position.step % recipe.log.every == 0 or position.step == recipe.train.steps:
+                elapsed = time.perf_counter() - window_start
+                recent = losses[-recipe.log.every :]
+                record = {
+                    "step": position.step,
+                    "loss": sum(recent) / len(recent),
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": window_images / max(elapsed, 1e-9),
+                    "images": position.images,
+                    "grad_norm": float(grad_norm),
+                }
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    if on_log:
+                        on_log(record)
+                window_images, window_start = 0, time.perf_counter()
+
+            stopping = _any_process(acc, stop.signal is not None)
+            at_end = position.step == recipe.train.steps
+            if position.step % recipe.output.save_every == 0 or at_end or stopping:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    last = save_training_checkpoint(
+                        output, recipe, resolved, raw_model, ema, optimizer, scheduler, position
+                    )
+                acc.wait_for_everyone()
+                last = checkpoint_dirs(output)[-1][1]
+            if on_sample and recipe.log.sample_every and position.step % recipe.log.sample_every == 0:
+                if acc.is_main_process:
+                    on_sample(_ema_model(raw_model, ema), position.step)
+                acc.wait_for_everyone()
+            if stopping and not at_end:
+                raise Interrupted(f"stopped by signal at step {position.step}; checkpoint saved to {last}")
+
+    if acc.is_main_process and losses:
+        from pixart_cli.plot import line_plot, smooth
+
+        history = _read_losses(metrics_path)
+        line_plot(
+            [s for s, _ in history],
+            {"loss": [v for _, v in history], "smoothed": smooth([v for _, v in history], 10)},
+            output / "loss.png",
+            title=recipe.name,
+        )
+    acc.wait_for_everyone()
+    acc.end_training()
+    return TrainResult(last, position.step, losses[-1] if losses else math.nan, metrics_path)
+
+
+def _any_process(acc: Any, flag: bool) -> bool:
+    if acc.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(value, "sum").item() > 0)
+
+
+def _ema_model(model: nn.Module, ema: EMA) -> nn.Module:
+    copy = build_model(model.config).to(ema.params[0].device)
+    copy.load_state_dict(ema.state_dict(model), strict=True)
+    return copy.eval()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 1 << 62
+
+
+def _read_losses(path: Path) -> list[tuple[int, float]]:
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError, KeyError):
+            record = json.loads(line)
+            out.append((record["step"], record["loss"]))
+    return out
