@@ -10,27 +10,45 @@ datasets and model definitions (all we use, e.g. clean-fid's Inception) then wor
 (``nms``, ``roi_align``, ...) stay unavailable, and calling them raises as before.
 
 This module must be imported before anything imports torchvision; ``pixart_cli/__init__.py`` does so first.
-It changes nothing where torchvision's extension loads (a matching CUDA or CPU build).
+It changes nothing where torchvision's extension loads (a matching CUDA or CPU build): that is checked by
+loading the extension first, since declaring the schemas there would make torchvision's own registration abort.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
+from pathlib import Path
 
 import torch
 
 _library: torch.library.Library | None = None  # kept alive: the schemas vanish with the object
 
 
+def _extension_loads(spec: importlib.machinery.ModuleSpec) -> bool:
+    """Whether torchvision's compiled extension loads here (then it registers the real operators itself)."""
+    for folder in spec.submodule_search_locations or []:
+        for candidate in Path(folder).glob("_C*.so"):
+            try:
+                torch.ops.load_library(str(candidate))
+                return True
+            except OSError:
+                return False
+    return False
+
+
 def _install() -> None:
     global _library
-    if _library is not None or importlib.util.find_spec("torchvision") is None:
+    spec = importlib.util.find_spec("torchvision")
+    if _library is not None or spec is None:
         return
     try:
         torch.ops.torchvision.nms  # noqa: B018 - present when torchvision's extension already loaded
         return
     except (AttributeError, RuntimeError):
         pass
+    if _extension_loads(spec):  # a matching build (e.g. CUDA torch + CUDA torchvision): nothing to fix
+        return
     _library = torch.library.Library("torchvision", "DEF")
     _library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")

@@ -1,7 +1,8 @@
 """Loading the frozen components around the transformer: the T5 text encoder (+ tokenizer) and the VAE.
 
 Both load from a local directory or a hub id through transformers / diffusers. Without network access a hub id
-that is not in the local cache fails with one line that says how to get the weights.
+that is not in the local cache fails with one line that says how to get the weights. ``Autoencoder`` puts a VAE
+and the pixel-space option ("none": the model works on pixels in [-1, 1]) behind one interface.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ def load_t5(name: str, dtype: torch.dtype | None = None, device: torch.device | 
 
     path, local_only = _resolve(name, "T5")
     sub = Path(path) / "tokenizer" if (Path(path) / "tokenizer").is_dir() else None
+    if sub is None and Path(path).name == "text_encoder" and (Path(path).parent / "tokenizer").is_dir():
+        sub = Path(path).parent / "tokenizer"  # a diffusers pipeline's text_encoder/: tokenizer is its sibling
     enc = Path(path) / "text_encoder" if (Path(path) / "text_encoder").is_dir() else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(sub or path), local_files_only=local_only)
         encoder = T5EncoderModel.from_pretrained(str(enc or path), torch_dtype=dtype, local_files_only=local_only)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         if os.path.isdir(path):
             raise PixartError(f"{name}: not a T5 directory ({str(exc).splitlines()[0][:200]})") from None
         raise PixartError(_offline_hint(name, "T5 text encoder")) from None
@@ -60,3 +63,68 @@ def load_vae(name: str, dtype: torch.dtype | None = None, device: torch.device |
             raise PixartError(f"{name}: not an AutoencoderKL directory ({str(exc).splitlines()[0][:200]})") from None
         raise PixartError(_offline_hint(name, "VAE")) from None
     return vae.to(device).eval().requires_grad_(False)
+
+
+class Autoencoder:
+    """Maps images in [-1, 1] to the diffusion model's space and back.
+
+    ``downsample``: image pixels per model-input pixel along each side; ``channels``: model-input channels.
+    """
+
+    downsample: int
+    channels: int
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> Autoencoder:
+        return self
+
+
+class PixelSpace(Autoencoder):
+    """No autoencoder: the model denoises RGB pixels in [-1, 1] directly (``vae: none``)."""
+
+    downsample = 1
+    channels = 3
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.clamp(-1, 1)
+
+
+class VAE(Autoencoder):
+    """A diffusers ``AutoencoderKL`` with its latent scaling (``vae.config.scaling_factor``: 0.18215 for SD)."""
+
+    def __init__(self, vae) -> None:
+        self.vae = vae
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.channels = vae.config.latent_channels
+        self.scaling_factor = vae.config.scaling_factor
+        self.shift_factor = vae.config.shift_factor or 0.0
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sampled (not mean) scaled latents, as in training."""
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return (dist.sample(generator) - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(latents).sample
+
+    def to(self, device: torch.device | str) -> VAE:
+        self.vae.to(device)
+        return self
+
+
+def load_autoencoder(name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> Autoencoder:
+    """``"none"`` for pixel space, else a VAE directory or hub id (see ``load_vae``)."""
+    if name.strip().lower() == "none":
+        return PixelSpace()
+    return VAE(load_vae(name, dtype=dtype, device=device))

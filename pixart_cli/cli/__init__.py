@@ -3,7 +3,13 @@
 Commands live one module per topic and register themselves on the shared Typer ``app`` when imported here.
 """
 
-from pixart_cli.cli import convert  # noqa: F401  (registers convert, init-from-dit)
+from pixart_cli.cli import (
+    convert,  # noqa: F401  (registers convert, init-from-dit)
+    prepare,  # noqa: F401
+    sample,  # noqa: F401
+    selfcheck,  # noqa: F401
+    train,  # noqa: F401
+)
 from pixart_cli.cli.common import app
 
 

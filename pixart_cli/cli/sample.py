@@ -1,0 +1,164 @@
+"""`pixart sample`: prompts → PNG files (settings in each file and in manifest.jsonl), resumable."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pixart_cli.cli.common import (
+    DType,
+    app,
+    console,
+    fails_cleanly,
+    library_logging,
+    quiet_hub_libraries,
+    resolve_device,
+)
+from pixart_cli.errors import PixartError
+
+
+def _read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
+    found = list(prompts or [])
+    if prompts_file is not None:
+        try:
+            text = prompts_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or type(exc).__name__
+            raise PixartError(f"{prompts_file}: cannot read the prompts file ({why})") from None
+        found += [line.strip() for line in text.splitlines() if line.strip()]
+    if not found:
+        raise PixartError("no prompts given (pass PROMPT arguments or --prompts-file with one prompt per line)")
+    return found
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[Callable[[float, int], None]]:
+    """A rich progress bar counting images (advancing by fractions as solver steps finish)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("sampling"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    bar = Progress(*columns, console=console, transient=False)
+    task = bar.add_task("sampling", total=None)
+
+    def update(done: float, total: int) -> None:
+        if total and not bar.live.is_started:  # shown once there is something to make
+            bar.start()
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+
+
+@app.command()
+@fails_cleanly
+def sample(
+    prompts: Annotated[list[str] | None, typer.Argument(help="Prompts (quote each one).", show_default=False)] = None,
+    num_images: Annotated[int, typer.Option("-n", "--num-images", help="Images per prompt.")] = 4,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Our checkpoint directory, a diffusers pipeline directory or hub id, or an official .pth "
+            "(with --t5 and --vae).",
+        ),
+    ] = None,
+    sampler: Annotated[
+        str, typer.Option("--sampler", help="dpm-solver (20 steps), sa-solver (25), ddim (50) or iddpm (100).")
+    ] = "dpm-solver",
+    steps: Annotated[int | None, typer.Option("--steps", help="Solver steps (default: per sampler).")] = None,
+    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = none).")] = 4.5,
+    seed: Annotated[int, typer.Option("--seed", help="Image j of every prompt uses seed + j.")] = 0,
+    size: Annotated[int | None, typer.Option("--size", help="Square image side in pixels.")] = None,
+    height: Annotated[int | None, typer.Option("--height", help="Image height in pixels.")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Image width in pixels.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 4,
+    prompts_file: Annotated[
+        Path | None, typer.Option("--prompts-file", help="Text file, one prompt per line (blank lines skipped).")
+    ] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")] = Path("samples"),
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 … (default: cuda if any).")] = None,
+    dtype: Annotated[DType | None, typer.Option("--dtype", help="Default: bf16 on CUDA, fp32 on CPU.")] = None,
+    grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png (a row per prompt).")] = False,
+    negative_prompt: Annotated[
+        str | None, typer.Option("--negative-prompt", help="Guide away from this (default: the null caption).")
+    ] = None,
+    t5: Annotated[str | None, typer.Option("--t5", help="T5 directory or hub id (overrides the checkpoint's).")] = None,
+    vae: Annotated[
+        str | None, typer.Option("--vae", help="AutoencoderKL directory or hub id, or 'none' for pixel space.")
+    ] = None,
+    offload: Annotated[
+        bool, typer.Option("--offload", help="Free T5 after encoding; one component on the GPU at a time.")
+    ] = False,
+) -> None:
+    """Generate images from text prompts: one PNG per image, settings in the PNG and in manifest.jsonl.
+
+    Existing images made with the same settings are skipped, so an interrupted run can be resumed.
+    """
+    from pixart_cli.sampling import Pipeline, check_sampler, default_model, write_samples
+
+    prompt_list = _read_prompts(prompts, prompts_file)
+    check_sampler(sampler)
+    if size is not None and (height is not None or width is not None):
+        raise PixartError("give --size or --height/--width, not both")
+    if size is not None:
+        height = width = size
+    model = model or default_model()
+    if model is None:
+        raise PixartError(
+            "no model given: pass --model (our checkpoint directory, a diffusers pipeline, or an official .pth "
+            "with --t5 and --vae)"
+        )
+    torch_device = resolve_device(device)
+    quiet_hub_libraries()
+    with library_logging():
+        with console.status(f"loading {model}"):
+            pipeline = Pipeline.from_pretrained(
+                model, t5=t5, vae=vae, device=torch_device, dtype=dtype.torch if dtype else None, offload=offload
+            )
+        with _progress_bar() as progress:
+            report = write_samples(
+                pipeline,
+                prompt_list,
+                output,
+                num_images_per_prompt=num_images,
+                seed=seed,
+                batch_size=batch_size,
+                sampler=sampler,
+                steps=steps,
+                cfg=cfg,
+                height=height,
+                width=width,
+                negative_prompt=negative_prompt,
+                grid=grid,
+                progress=progress,
+            )
+    h, w = report.size
+    made = f"wrote {len(report.written)} image{'s' if len(report.written) != 1 else ''} ({h}×{w})"
+    if report.skipped:
+        made += f", skipped {len(report.skipped)} already there"
+    console.print(f"{made} → [bold]{report.output_dir}[/]", soft_wrap=True)
+    console.print(f"settings per image: [bold]{report.manifest}[/] (and in each PNG's text chunk)", soft_wrap=True)
+    if report.grid is not None:
+        console.print(f"grid: [bold]{report.grid}[/]", soft_wrap=True)
