@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import typer
@@ -51,3 +53,55 @@ class DType(str, enum.Enum):
         import torch
 
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+
+
+class ConsoleHandler(logging.Handler):
+    """Library log records as console lines (warnings in yellow), printed through the command's console."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.text import Text
+
+        style = "yellow" if record.levelno >= logging.WARNING else "dim"
+        console.print(Text(record.getMessage(), style=style), soft_wrap=True)
+
+
+@contextlib.contextmanager
+def library_logging() -> Iterator[None]:
+    """Show the library's log lines (resume notes, skipped images) on the console while the command runs."""
+    logger = logging.getLogger("pixart_cli")
+    handler = ConsoleHandler(logging.INFO)
+    previous, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+        logger.propagate = propagate
+
+
+def quiet_hub_libraries() -> None:
+    """transformers/diffusers print their own progress bars while loading; the command has its own."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for module in (transformers_logging, diffusers_logging):
+        module.disable_progress_bar()
+        module.set_verbosity_error()
+
+
+def resolve_device(name: str | None):
+    """``--device``: a torch device that exists here (default: CUDA when available)."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PixartError(f"--device {name!r}: not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PixartError(f"--device {name}: CUDA is not available on this machine")
+    return device

@@ -1,0 +1,138 @@
+"""`pixart prepare`: a dataset → a sharded cache of T5 caption features and VAE latent posteriors (resumable)."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pixart_cli.cli.common import (
+    DType,
+    app,
+    console,
+    fails_cleanly,
+    library_logging,
+    quiet_hub_libraries,
+    resolve_device,
+)
+from pixart_cli.errors import PixartError
+
+
+class Kind(str, enum.Enum):
+    auto = "auto"
+    captions = "captions"
+    manifest = "manifest"
+    classes = "classes"
+
+
+class Storage(str, enum.Enum):
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+@app.command()
+@fails_cleanly
+def prepare(
+    data: Annotated[
+        Path, typer.Argument(help="Dataset: folder of images + .txt captions, a .jsonl manifest, or class folders.")
+    ],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Cache directory (default: DATA-cache beside DATA).")
+    ] = None,
+    t5: Annotated[
+        str | None, typer.Option("--t5", help="T5 encoder directory or hub id (not needed for class folders).")
+    ] = None,
+    vae: Annotated[str, typer.Option("--vae", help="VAE directory or hub id, or 'none' for pixel space.")] = "",
+    resolution: Annotated[int, typer.Option("--resolution", help="Image side in pixels (bucket base).")] = 256,
+    multi_scale: Annotated[
+        bool, typer.Option("--multi-scale", help="Resize each image to its nearest aspect-ratio bucket.")
+    ] = False,
+    kind: Annotated[Kind, typer.Option("--kind", help="Dataset layout (auto: detected).")] = Kind.auto,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder call.")] = 32,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Items per cache shard.")] = 1024,
+    max_length: Annotated[int, typer.Option("--max-length", help="Caption tokens.")] = 120,
+    device: Annotated[str | None, typer.Option("--device", help="Encoder device (default: cuda if any).")] = None,
+    dtype: Annotated[
+        DType | None, typer.Option("--dtype", help="Encoder compute dtype (default: as stored; T5 overflows in fp16).")
+    ] = None,
+    storage: Annotated[Storage, typer.Option("--storage", help="dtype of the features on disk.")] = Storage.fp16,
+    keep_empty_captions: Annotated[
+        bool, typer.Option("--keep-empty-captions", help="Keep images without a caption (empty caption).")
+    ] = False,
+    max_bad_fraction: Annotated[
+        float, typer.Option("--max-bad-fraction", help="Abort if more than this fraction of images is unreadable.")
+    ] = 0.01,
+    workers: Annotated[int, typer.Option("--workers", help="Image-decoding processes (0: main process).")] = 2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache.")] = False,
+) -> None:
+    """Pre-extract caption features (or class labels) and latents into a sharded cache; reruns resume."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pixart_cli.data.cache import PrepareProgress
+    from pixart_cli.data.cache import prepare as run_prepare
+
+    if not vae:
+        raise PixartError("--vae is required: a VAE directory or hub id, or 'none' for a pixel-space model")
+    if workers < 0:
+        raise PixartError("--workers must be 0 or more")
+    quiet_hub_libraries()
+    if output is None:
+        output = data.with_name(f"{data.stem if data.is_file() else data.name}-cache")
+    bar = Progress(
+        TextColumn("[bold]encoding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("items · {task.fields[shards]} · {task.fields[bad]} bad"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    task = bar.add_task("encoding", total=None, shards="", bad=0)
+
+    def show(p: PrepareProgress) -> None:
+        bar.update(
+            task,
+            completed=p.items_done + p.bad_images,
+            total=p.items_total,
+            shards=f"shard {p.shards_done}/{p.shards_total}",
+            bad=p.bad_images,
+        )
+
+    with library_logging(), bar:
+        report = run_prepare(
+            data,
+            output,
+            t5=t5,
+            vae=vae,
+            resolution=resolution,
+            multi_scale=multi_scale,
+            kind=kind.value,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            max_length=max_length,
+            device=resolve_device(device),
+            dtype=dtype.torch if dtype else None,
+            storage_dtype={"fp16": "float16", "fp32": "float32"}[storage.value],
+            keep_empty_captions=keep_empty_captions,
+            max_bad_fraction=max_bad_fraction,
+            num_workers=workers,
+            overwrite=overwrite,
+            progress=show,
+        )
+    resumed = f" ({report.resumed_shards} shards were already done)" if report.resumed_shards else ""
+    console.print(
+        f"cached [bold]{report.items}[/] of {report.records} images in {report.shards} shards → "
+        f"[bold]{report.cache_dir}[/] in {report.seconds:.1f} s{resumed}"
+    )
+    if len(report.bucket_counts) > 1:
+        sizes = ", ".join(f"{h}×{w}: {n}" for (h, w), n in sorted(report.bucket_counts.items()))
+        console.print(f"  buckets (H×W: items): {sizes}", soft_wrap=True)
+    if report.missing_captions:
+        what = "kept with empty captions" if keep_empty_captions else "skipped"
+        console.print(f"  [yellow]{report.missing_captions} image(s) without a caption ({what})[/]")
+    if report.bad_images:
+        console.print(f"  [yellow]{len(report.bad_images)} unreadable image(s) skipped[/], e.g.:")
+        for bad in report.bad_images[:5]:
+            console.print(f"    {bad.path}: {bad.reason}", soft_wrap=True, markup=False)

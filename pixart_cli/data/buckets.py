@@ -1,0 +1,238 @@
+"""Aspect-ratio buckets and a batch sampler that keeps every batch inside one bucket.
+
+Multi-scale training (PixArt's 1024-px ``PixArtMS`` recipe) resizes each image to the bucket whose aspect ratio
+(height / width) is nearest to its own; a batch must hold one bucket so that its latents stack. The official tables
+for 256/512/1024 px come from diffusers; other base sizes (e.g. 32 or 64 px for miniature experiments) are the
+1024 table scaled down and rounded to a multiple the model can take (VAE downsampling × patch size).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pixart_cli.data.sources import Record
+from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, image_size
+
+logger = logging.getLogger(__name__)
+
+BucketTable = dict[str, tuple[int, int]]  # nominal ratio "h/w" → (height, width) in pixels
+
+
+def official_bucket_table(base: int) -> BucketTable:
+    """diffusers' ``ASPECT_RATIO_{256,512,1024}_BIN`` (the official PixArt tables) as ints."""
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as pipeline
+
+    tables = {
+        256: pipeline.ASPECT_RATIO_256_BIN,
+        512: pipeline.ASPECT_RATIO_512_BIN,
+        1024: pipeline.ASPECT_RATIO_1024_BIN,
+    }
+    if base not in tables:
+        raise ValueError(f"no official bucket table for {base} px (there are tables for 256, 512 and 1024)")
+    return {ratio: (int(h), int(w)) for ratio, (h, w) in tables[base].items()}
+
+
+def make_bucket_table(base: int, multiple: int = 16) -> BucketTable:
+    """Buckets around ``base``×``base`` pixels: the official table when it exists and fits ``multiple``, else the
+    1024 table scaled by ``base / 1024`` with each side rounded to a multiple of ``multiple``.
+
+    (The official 256 and 512 tables are exactly the 1024 table scaled this way, rounded to 16 px.) At small bases
+    several ratios round to the same size; each size is kept once, keyed by its real ratio h / w.
+    """
+    if base <= 0 or multiple <= 0:
+        raise ValueError(f"base and multiple must be positive, got {base} and {multiple}")
+    if base in (256, 512, 1024):
+        table = official_bucket_table(base)
+        if all(h % multiple == 0 and w % multiple == 0 for h, w in table.values()):
+            return table
+    scale = base / 1024
+    sizes = {
+        (max(multiple, round(h * scale / multiple) * multiple), max(multiple, round(w * scale / multiple) * multiple))
+        for h, w in official_bucket_table(1024).values()
+    }
+    # Rounding moves the ratios (at 32 px, nominal 0.68 becomes 32×32), so each size is keyed by its real ratio.
+    return {f"{h / w:.2f}": (h, w) for h, w in sorted(sizes, key=lambda s: s[0] / s[1])}
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """An ordered set of (height, width) sizes with their nominal aspect ratios (h / w)."""
+
+    sizes: tuple[tuple[int, int], ...]
+    ratios: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.sizes or len(self.sizes) != len(self.ratios):
+            raise ValueError("Buckets need one ratio per size, and at least one size")
+
+    @classmethod
+    def from_table(cls, table: BucketTable) -> Buckets:
+        return cls(tuple(tuple(map(int, s)) for s in table.values()), tuple(float(r) for r in table))
+
+    @classmethod
+    def single(cls, height: int, width: int | None = None) -> Buckets:
+        """One bucket: plain single-resolution training."""
+        width = height if width is None else width
+        return cls(((height, width),), (height / width,))
+
+    @classmethod
+    def for_resolution(cls, resolution: int, multi_scale: bool, multiple: int = 16) -> Buckets:
+        """The multi-scale table around ``resolution`` or the single square bucket."""
+        if multi_scale:
+            return cls.from_table(make_bucket_table(resolution, multiple))
+        if resolution % multiple:
+            raise ValueError(f"resolution {resolution} is not a multiple of {multiple}")
+        return cls.single(resolution)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def assign(self, height: int, width: int) -> int:
+        """Index of the bucket whose nominal ratio is nearest to height / width (diffusers' rule; first on ties)."""
+        ratio = height / width
+        return min(range(len(self.ratios)), key=lambda i: abs(self.ratios[i] - ratio))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sizes": [list(s) for s in self.sizes], "ratios": list(self.ratios)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Buckets:
+        return cls(tuple(tuple(map(int, s)) for s in data["sizes"]), tuple(map(float, data["ratios"])))
+
+
+def assign_buckets(
+    records: Sequence[Record], buckets: Buckets, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[list[int], list[BadImage]]:
+    """Bucket index of each record (-1 for an unreadable image, listed in the second value).
+
+    Uses the record's stated width/height when it has them, else reads the image header (not the pixels); with a
+    single bucket nothing is read and bad images are found later, when decoded.
+    """
+    if len(buckets) == 1:
+        return [0] * len(records), []
+    bucket_of, bad = [], []
+    for record in records:
+        if record.width is not None and record.height is not None:
+            size: tuple[int, int] | BadImage = (record.width, record.height)
+        else:
+            size = image_size(record.path, max_pixels)
+        if isinstance(size, BadImage):
+            bad.append(size)
+            bucket_of.append(-1)
+        else:
+            bucket_of.append(buckets.assign(height=size[1], width=size[0]))
+    return bucket_of, bad
+
+
+def _rng(seed: int, epoch: int) -> np.random.Generator:
+    # SeedSequence mixes (seed, epoch) into independent streams: epoch 1 is not "seed + 1".
+    return np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, epoch])
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Per-rank batches of dataset indices, every batch from one bucket; deterministic given (seed, epoch).
+
+    Each step draws one *global* batch of ``batch_size × num_replicas`` indices from a single bucket and gives rank
+    ``r`` the slice ``[r·batch_size, (r+1)·batch_size)``: all ranks step in the same bucket at the same time (the
+    latents of one step have one shape everywhere) and together they see each index at most once per epoch.
+
+    An epoch shuffles each bucket, cuts it into global batches and shuffles the batch order. ``drop_last=True``
+    drops each bucket's incomplete remainder (a bucket smaller than one global batch is never used);
+    ``drop_last=False`` completes it by repeating indices of the same bucket.
+
+    Resuming: ``set_epoch(epoch, start_batch)`` (or ``load_state_dict``) makes the next ``iter()`` continue from
+    batch ``start_batch`` of that epoch, exactly as if the earlier batches had been consumed. ``state_dict()``
+    records how many batches ``iter()`` has handed out; a DataLoader prefetches ahead of the training loop, so a
+    trainer should pass the number it has really consumed: ``state_dict(consumed=steps_done_this_epoch)``.
+    """
+
+    def __init__(
+        self,
+        bucket_of: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_replicas <= 0 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+        self.bucket_of = np.asarray(bucket_of, dtype=np.int64)
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._start = 0
+        self._yielded = 0
+        self._members = [np.flatnonzero(self.bucket_of == b) for b in np.unique(self.bucket_of)]
+        global_size = batch_size * num_replicas
+        self._num_batches = sum(
+            len(m) // global_size if drop_last else math.ceil(len(m) / global_size) for m in self._members
+        )
+        if drop_last:
+            unused = sum(len(m) % global_size for m in self._members)
+            if unused:
+                logger.info("%d of %d items fall in incomplete global batches each epoch", unused, len(bucket_of))
+        if self._num_batches == 0:
+            raise ValueError(
+                f"no bucket holds a full global batch of {global_size} items ({len(bucket_of)} items in "
+                f"{len(self._members)} buckets): lower the batch size or pass drop_last=False"
+            )
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same on every rank)."""
+        return self._num_batches
+
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        """All global batches of ``epoch`` in order (each ``batch_size × num_replicas`` indices of one bucket)."""
+        rng = _rng(self.seed, epoch)
+        size = self.batch_size * self.num_replicas
+        batches = []
+        for members in self._members:  # ordered by bucket id, so the stream of draws is fixed
+            order = members[rng.permutation(len(members))]
+            full = len(order) // size * size
+            batches.extend(order[i : i + size] for i in range(0, full, size))
+            if not self.drop_last and full < len(order):
+                rest = order[full:]
+                batches.append(np.resize(np.concatenate([rest, order]), size))  # pad with the same bucket
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[list[int]]:
+        """This rank's batches of ``epoch`` from batch ``start_batch`` on."""
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        for batch in self.global_batches(epoch)[start_batch:]:
+            yield batch[lo:hi].tolist()
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (and the batch to start from) that the next ``iter()`` yields."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} is outside [0, {len(self)}]")
+        self.epoch, self._start, self._yielded = epoch, start_batch, start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self._start = self._start, 0  # the start applies to one pass only
+        self._yielded = start
+        for batch in self.iterate(self.epoch, start):
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
+        """Where to resume: ``{"seed", "epoch", "batch"}``; ``consumed`` overrides the sampler's own count."""
+        return {"seed": self.seed, "epoch": self.epoch, "batch": self._yielded if consumed is None else consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"sampler state was saved with seed {state['seed']}, this sampler has seed {self.seed}")
+        self.set_epoch(state["epoch"], state["batch"])

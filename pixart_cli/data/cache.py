@@ -1,0 +1,550 @@
+"""The feature cache: caption features and image-latent posteriors extracted once, read memory-mapped in training.
+
+Running T5-XXL and the VAE inside the training step costs more than the transformer at 256 px (FACTS §8), so
+``prepare`` runs them once over a dataset and writes a *sharded* cache: a few large ``.npy`` files per shard rather
+than the official layout's two small files per image.
+
+Layout of a cache directory::
+
+    index.json                 written last: its presence means the cache is complete (see below)
+    plan.json                  the shard plan (record → bucket, shard → records); lets an interrupted run resume
+    shards/00000/              one directory per shard, written atomically; all items of a shard share one bucket
+        meta.json              bucket, size (H, W) px, count, caption_length, source paths, bad images
+        index.npy              int64 (n,): each item's record number in the dataset
+        latent_mean.npy        (n, C, H/f, W/f) scaled posterior mean   [fp16 by default]
+        latent_std.npy         (n, C, H/f, W/f) scaled posterior std    [absent for pixel space: std is 0]
+        caption.npy            (n, L, D) T5 features                    [caption datasets; fp16 by default]
+        caption_mask.npy       uint8 (n, L), 1 on real tokens           [caption datasets]
+        label.npy              int64 (n,)                               [class-folder datasets]
+
+Choices:
+
+* Storage is float16 by default (``storage_dtype``): T5 features and scaled latents are well inside its range,
+  and it halves the disk and page-cache footprint (a full 120×4096 caption is 0.98 MB in fp16). Values that would
+  overflow raise an error rather than turning into ``inf``.
+* Captions are trimmed per shard to the longest real token count in that shard, and padding positions are stored
+  as zeros; the loader pads back with zeros (mask 0) to ``max_length``. Padded positions are masked out of
+  cross-attention, so this changes no result, and it typically saves 2-5× on disk.
+* Each shard holds one bucket, so latents in a shard stack into one array.
+* Resume: the plan is fixed when a run starts; each finished shard is a complete directory (renamed into place),
+  so a rerun with the same settings skips those and encodes only the rest. Encoders are deterministic, so an
+  interrupted-and-resumed cache equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pixart_cli.data.buckets import Buckets, assign_buckets
+from pixart_cli.data.sources import Record, Source, SourceKind, read_source
+from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, Resample, load_pixels
+from pixart_cli.encode import ImageEncoder, load_image_encoder
+from pixart_cli.errors import PixartError
+from pixart_cli.io import atomic_directory, atomic_file
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "pixart-feature-cache"
+VERSION = 1
+INDEX = "index.json"
+PLAN = "plan.json"
+SHARDS = "shards"
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class PrepareProgress:
+    """Passed to ``prepare``'s progress callback at the start and after each shard is written.
+
+    ``items_done`` counts cached items; ``items_done + bad_images`` reaches ``items_total`` at the end.
+    """
+
+    shards_done: int
+    shards_total: int
+    items_done: int
+    items_total: int
+    bad_images: int
+
+
+@dataclass
+class PrepareReport:
+    """What ``prepare`` did. ``resumed_shards``: shards found already finished on disk."""
+
+    cache_dir: Path
+    items: int
+    shards: int
+    resumed_shards: int
+    records: int
+    bad_images: list[BadImage]
+    missing_captions: int
+    skipped_captions: int
+    bucket_counts: dict[tuple[int, int], int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _identity_of(value: object) -> str:
+    """What a component is recorded as: an absolute path for a local directory, else its id or name."""
+    if isinstance(value, ImageEncoder):
+        value = value.name
+    value = getattr(value, "source", value)  # a text.TextEncoder records where it loads from
+    if isinstance(value, str | os.PathLike):
+        text = os.fspath(value)
+        return os.path.abspath(text) if os.path.isdir(text) else text
+    return type(value).__name__
+
+
+def _records_digest(records: Sequence[Record]) -> str:
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(json.dumps([str(r.path), r.caption, r.label, r.width, r.height]).encode())
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PixartError(f"{path}: unreadable ({exc})") from None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+
+
+def _prepare_output(output: Path, overwrite: bool) -> None:
+    is_cache = (output / INDEX).exists() or (output / PLAN).exists()
+    if output.exists() and not output.is_dir():
+        raise PixartError(f"{output}: exists and is not a directory")
+    if output.is_dir() and not is_cache and any(output.iterdir()):
+        raise PixartError(f"{output}: exists and is not a feature cache (choose a new output directory)")
+    if overwrite and is_cache:
+        shutil.rmtree(output)
+    try:
+        (output / SHARDS).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PixartError(f"{output}: cannot create the cache directory ({exc.strerror})") from None
+    if not os.access(output / SHARDS, os.W_OK):
+        raise PixartError(f"{output}: cache directory is not writable")
+
+
+def _plan_shards(bucket_of: Sequence[int], num_buckets: int, shard_size: int) -> list[dict[str, Any]]:
+    """Shards of at most ``shard_size`` records of one bucket, buckets in order, records in dataset order."""
+    shards = []
+    for bucket in range(num_buckets):
+        members = [i for i, b in enumerate(bucket_of) if b == bucket]
+        shards.extend(
+            {"bucket": bucket, "records": members[i : i + shard_size]} for i in range(0, len(members), shard_size)
+        )
+    return shards
+
+
+class _ShardPixels(torch.utils.data.Dataset):
+    """Record number → (record number, pixels or the reason the image is unusable); runs in loader workers."""
+
+    def __init__(self, records, size_of: dict[int, tuple[int, int]], resample: Resample, max_pixels) -> None:
+        self.records, self.size_of, self.resample, self.max_pixels = records, size_of, resample, max_pixels
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
+        pixels = load_pixels(
+            self.records[index].path, self.size_of[index], resample=self.resample, max_pixels=self.max_pixels
+        )
+        return index, pixels.reason if isinstance(pixels, BadImage) else pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def _to_storage(tensor: torch.Tensor, dtype: type, what: str) -> np.ndarray:
+    array = tensor.detach().float().cpu().numpy().astype(dtype)
+    if not np.isfinite(array).all():
+        raise PixartError(f"{what} overflow {np.dtype(dtype).name} storage (use storage dtype float32)")
+    return array
+
+
+def prepare(
+    data: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    t5: str | Any | None,
+    vae: str | ImageEncoder,
+    resolution: int,
+    multi_scale: bool = False,
+    kind: SourceKind | Literal["auto"] = "auto",
+    batch_size: int = 32,
+    shard_size: int = 1024,
+    max_length: int = 120,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    storage_dtype: Literal["float16", "float32"] = "float16",
+    keep_empty_captions: bool = False,
+    clean_captions: bool = True,
+    bucket_multiple: int | None = None,
+    resample: Resample = "lanczos",
+    max_bad_fraction: float = 0.01,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: Callable[[PrepareProgress], None] | None = None,
+) -> PrepareReport:
+    """Extract caption features (or labels) and latent posteriors of a dataset into a sharded cache at ``output``.
+
+    Args:
+        data: dataset path (folder + .txt captions, .jsonl manifest, or class-folder tree; see ``sources``).
+        output: cache directory. An unfinished cache with the same settings is resumed; a finished one is left as
+            it is (its report is returned); different settings are an error unless ``overwrite``.
+        t5: T5 directory / hub id, or a ready ``text.TextEncoder``; unused (may be None) for class-folder data.
+        vae: VAE directory / hub id, ``"none"`` for pixel space, or a ready ``ImageEncoder``.
+        resolution: image side in pixels; with ``multi_scale`` the base of the aspect-ratio bucket table.
+        batch_size: images (and captions) per encoder call. shard_size: items per shard (at most).
+        max_length: caption tokens (120 for PixArt-α). dtype: encoder compute dtype (default: as stored; T5 v1.1
+            overflows in fp16, prefer bf16 or fp32). storage_dtype: dtype on disk.
+        keep_empty_captions: keep images without a caption (empty caption) instead of skipping them.
+        clean_captions: apply ``text.clean_caption`` (else only lower-case + strip).
+        bucket_multiple: bucket sides are multiples of this (default: VAE downsampling × 2, the patch size).
+        max_bad_fraction: abort once more than this fraction of the dataset's images has proved unreadable.
+        num_workers: processes decoding images (0: in this process).
+        progress: called with a ``PrepareProgress`` at the start and after each shard.
+    """
+    start_time = time.perf_counter()
+    output = Path(output)
+    if batch_size <= 0 or shard_size <= 0 or max_length <= 0 or resolution <= 0:
+        raise PixartError("batch size, shard size, max length and resolution must be positive")
+    if not 0 <= max_bad_fraction <= 1:
+        raise PixartError(f"max bad fraction must be in [0, 1], got {max_bad_fraction}")
+    if storage_dtype not in STORAGE_DTYPES:
+        raise PixartError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
+    source = read_source(data, kind, keep_empty_captions=keep_empty_captions)
+    captioned = source.conditioning == "caption"
+    if captioned and t5 is None:
+        raise PixartError(f"{source.path}: a captioned ({source.kind}) dataset needs a T5 text encoder (--t5)")
+
+    settings = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": source.kind,
+        "source": str(source.path.resolve()),
+        "conditioning": source.conditioning,
+        "resolution": resolution,
+        "multi_scale": multi_scale,
+        "bucket_multiple": bucket_multiple,
+        "shard_size": shard_size,
+        "text_encoder": _identity_of(t5) if captioned else None,
+        "max_length": max_length if captioned else None,
+        "clean_captions": clean_captions if captioned else None,
+        "keep_empty_captions": keep_empty_captions,
+        "vae": _identity_of(vae),
+        "compute_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "storage_dtype": storage_dtype,
+        "resample": resample,
+        "max_pixels": max_pixels,
+    }
+    index_path = output / INDEX
+    if index_path.exists() and not overwrite:
+        index = _read_json(index_path)
+        if index.get("settings") != settings:
+            raise PixartError(
+                f"{output}: holds a cache made with other settings ({_diff(index.get('settings'), settings)}); "
+                "pass --overwrite to replace it"
+            )
+        logger.info("%s: cache already complete", output)
+        plan = output / PLAN
+        if plan.exists() and _read_json(plan).get("records_digest") != _records_digest(source.records):
+            logger.warning("%s: the dataset has changed since this cache was made (--overwrite rebuilds it)", output)
+        return _report_from_index(output, index, source, time.perf_counter() - start_time)
+    _prepare_output(output, overwrite)
+
+    encoder = vae if isinstance(vae, ImageEncoder) else load_image_encoder(str(vae), dtype=dtype, device=device)
+    multiple = bucket_multiple or encoder.downsample * 2
+    if multiple % encoder.downsample:
+        raise PixartError(f"bucket multiple {multiple} is not divisible by the VAE downsampling {encoder.downsample}")
+    try:
+        buckets = Buckets.for_resolution(resolution, multi_scale, multiple)
+    except ValueError as exc:
+        raise PixartError(f"{exc} (bucket sides must be multiples of the VAE downsampling × patch size 2)") from None
+
+    plan = _load_or_make_plan(output, settings, source, buckets, shard_size, max_pixels)
+    records, shards = source.records, plan["shards"]
+    header_bad = [BadImage(records[i].path, reason) for i, reason in plan["header_bad"]]
+    limit = max_bad_fraction * len(records)
+
+    def check_bad(bad: list[BadImage]) -> None:
+        if len(bad) > limit:
+            raise PixartError(
+                f"{len(bad)} of {len(records)} images are unreadable, more than {max_bad_fraction:.1%} "
+                f"(e.g. {bad[0].path}: {bad[0].reason}); fix the data or raise --max-bad-fraction"
+            )
+
+    # Tally shards finished by an earlier run.
+    shard_root = output / SHARDS
+    _remove_stale_temporaries(shard_root)
+    done = [s for s in range(len(shards)) if (shard_root / _shard_name(s)).is_dir()]
+    bad = list(header_bad)
+    items = 0
+    for s in done:
+        meta = _read_json(shard_root / _shard_name(s) / "meta.json")
+        items += meta["count"]
+        bad.extend(BadImage(Path(p), reason) for p, reason in meta["bad"])
+    check_bad(bad)
+    pending = sorted(set(range(len(shards))) - set(done))
+    if done:
+        logger.info("%s: resuming, %d of %d shards already done", output, len(done), len(shards))
+    items_total = sum(len(s["records"]) for s in shards) + len(header_bad)
+
+    def report_progress() -> None:
+        if progress is not None:
+            progress(PrepareProgress(len(shards) - len(pending), len(shards), items, items_total, len(bad)))
+
+    report_progress()
+    if pending:
+        text_encoder = _text_encoder(t5, max_length, dtype, device, clean_captions) if captioned else None
+        size_of = {i: buckets.sizes[shards[s]["bucket"]] for s in pending for i in shards[s]["records"]}
+        batches, batch_shard = [], []
+        for s in pending:
+            members = shards[s]["records"]
+            for i in range(0, len(members), batch_size):
+                batches.append(members[i : i + batch_size])
+                batch_shard.append(s)
+        loader = torch.utils.data.DataLoader(
+            _ShardPixels(records, size_of, resample, max_pixels),
+            batch_sampler=batches,
+            num_workers=num_workers,
+            collate_fn=_as_list,
+        )
+        store = STORAGE_DTYPES[storage_dtype]
+        parts: list[dict[str, Any]] = []
+        shard_bad: list[BadImage] = []
+        for b, batch in enumerate(loader):
+            s = batch_shard[b]
+            good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
+            shard_bad.extend(BadImage(records[i].path, x) for i, x in batch if isinstance(x, str))
+            check_bad(bad + shard_bad)
+            if good:
+                part: dict[str, Any] = {"index": np.array([i for i, _ in good], dtype=np.int64)}
+                mean, std = encoder.encode(torch.stack([x for _, x in good]).to(device))
+                part["latent_mean"] = _to_storage(mean, store, "latents")
+                if encoder.stochastic:
+                    part["latent_std"] = _to_storage(std, store, "latent stds")
+                if text_encoder is not None:
+                    captions = text_encoder.encode([records[i].caption or "" for i, _ in good])
+                    # Zero the padding positions, so an item's stored features do not depend on its shard's
+                    # trimmed length (they are masked out of attention either way).
+                    features = captions.embeddings * captions.mask[..., None].to(captions.embeddings.dtype)
+                    part["caption"] = _to_storage(features, store, "caption features")
+                    part["caption_mask"] = captions.mask.cpu().numpy().astype(np.uint8)
+                else:
+                    part["label"] = np.array([records[i].label for i, _ in good], dtype=np.int64)
+                parts.append(part)
+            if b + 1 == len(batches) or batch_shard[b + 1] != s:
+                count = _write_shard(shard_root / _shard_name(s), shards[s], buckets, parts, shard_bad, source, encoder)
+                items += count
+                bad.extend(shard_bad)
+                parts, shard_bad = [], []
+                pending.remove(s)
+                report_progress()
+
+    index = _make_index(settings, source, buckets, encoder, shards, output, header_bad)
+    _write_json(index_path, index)
+    return _report_from_index(output, index, source, time.perf_counter() - start_time, resumed=len(done))
+
+
+def _remove_stale_temporaries(shard_root: Path) -> None:
+    """Delete half-written shards (hidden ``.NAME.tmp-PID-…`` directories) left by a killed run."""
+    for path in shard_root.glob(".*.tmp-*"):
+        try:
+            pid = int(path.name.rsplit(".tmp-", 1)[1].split("-")[0])
+            os.kill(pid, 0)  # raises if no such process: the writer is gone
+        except (ValueError, IndexError, ProcessLookupError):
+            logger.info("removing a half-written shard left by an interrupted run: %s", path.name)
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # a live process of another user: leave it alone
+            pass
+
+
+def _shard_name(s: int) -> str:
+    return f"{s:05d}"
+
+
+def _diff(old: dict | None, new: dict) -> str:
+    if not isinstance(old, dict):
+        return "no settings recorded"
+    changed = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+    return "; ".join(changed[:3]) or "unknown difference"
+
+
+def _text_encoder(t5, max_length: int, dtype, device, clean: bool):
+    from pixart_cli.text import TextEncoder
+
+    if isinstance(t5, TextEncoder):
+        if t5.max_length != max_length:
+            raise PixartError(f"the text encoder pads to {t5.max_length} tokens, but max length is {max_length}")
+        return t5
+    return TextEncoder(os.fspath(t5), max_length=max_length, dtype=dtype, device=device, clean=clean).load()
+
+
+def _load_or_make_plan(
+    output: Path, settings: dict, source: Source, buckets: Buckets, shard_size: int, max_pixels: int | None
+) -> dict[str, Any]:
+    """The saved plan of an interrupted run (checked against settings and data), or a new one, saved."""
+    digest = _records_digest(source.records)
+    path = output / PLAN
+    if path.exists():
+        plan = _read_json(path)
+        if plan.get("settings") != settings:
+            raise PixartError(
+                f"{output}: holds an unfinished cache made with other settings "
+                f"({_diff(plan.get('settings'), settings)}); pass --overwrite to start over"
+            )
+        if plan.get("records_digest") != digest:
+            raise PixartError(
+                f"{output}: the dataset changed since this cache was started; pass --overwrite to start over"
+            )
+        return plan
+    if len(buckets) > 1:
+        logger.info("reading %d image headers to assign aspect-ratio buckets", len(source.records))
+    bucket_of, bad = assign_buckets(source.records, buckets, max_pixels)
+    unreadable = [i for i, b in enumerate(bucket_of) if b < 0]  # in the same order as ``bad``
+    header_bad = [[i, b.reason] for i, b in zip(unreadable, bad, strict=True)]
+    plan = {
+        "settings": settings,
+        "records_digest": digest,
+        "buckets": buckets.to_json(),
+        "bucket_of": bucket_of,
+        "header_bad": header_bad,
+        "shards": _plan_shards(bucket_of, len(buckets), shard_size),
+    }
+    _write_json(path, plan)
+    return plan
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _write_shard(
+    directory: Path,
+    shard: dict[str, Any],
+    buckets: Buckets,
+    parts: list[dict[str, Any]],
+    bad: list[BadImage],
+    source: Source,
+    encoder: ImageEncoder,
+) -> int:
+    """Write one shard atomically; returns its item count."""
+    bucket = shard["bucket"]
+    height, width = buckets.sizes[bucket]
+    root = source.path if source.path.is_dir() else source.path.parent
+    fields: dict[str, np.ndarray] = {}
+    names = parts[0].keys() if parts else []
+    for name in names:
+        fields[name] = np.concatenate([p[name] for p in parts])
+    count = len(fields["index"]) if fields else 0
+    if not fields:  # every image of the shard was bad: keep the (empty) shard so a resume knows it is done
+        fields["index"] = np.zeros((0,), dtype=np.int64)
+    caption_length = None
+    if "caption_mask" in fields:
+        caption_length = max(1, int(fields["caption_mask"].sum(axis=1).max(initial=0)))
+        fields["caption"] = fields["caption"][:, :caption_length]
+        fields["caption_mask"] = fields["caption_mask"][:, :caption_length]
+    meta = {
+        "bucket": bucket,
+        "size": [height, width],
+        "latent_shape": list(encoder.latent_shape(height, width)),
+        "count": count,
+        "caption_length": caption_length,
+        "paths": [_relative(source.records[i].path, root) for i in fields["index"].tolist()],
+        "bad": [[str(b.path), b.reason] for b in bad],
+    }
+    with atomic_directory(directory) as tmp:
+        for name, array in fields.items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    return count
+
+
+def _make_index(
+    settings: dict,
+    source: Source,
+    buckets: Buckets,
+    encoder: ImageEncoder,
+    shards: list[dict[str, Any]],
+    output: Path,
+    header_bad: list[BadImage],
+) -> dict[str, Any]:
+    shard_entries, bad, bucket_counts = [], [[str(b.path), b.reason] for b in header_bad], [0] * len(buckets)
+    caption_channels = None
+    for s, shard in enumerate(shards):
+        directory = output / SHARDS / _shard_name(s)
+        meta = _read_json(directory / "meta.json")
+        bad.extend(meta["bad"])
+        bucket_counts[shard["bucket"]] += meta["count"]
+        shard_entries.append({"name": _shard_name(s), "bucket": shard["bucket"], "count": meta["count"]})
+        if caption_channels is None and meta["count"] and (directory / "caption.npy").exists():
+            caption_channels = int(np.load(directory / "caption.npy", mmap_mode="r").shape[-1])
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "settings": settings,
+        "kind": source.kind,
+        "source": settings["source"],
+        "conditioning": source.conditioning,
+        "class_names": source.class_names,
+        "buckets": buckets.to_json(),
+        "text_encoder": settings["text_encoder"],
+        "max_length": settings["max_length"],
+        "caption_channels": caption_channels,
+        "vae": settings["vae"],
+        "latent_channels": encoder.channels,
+        "downsample": encoder.downsample,
+        "scaling_factor": encoder.scaling_factor,
+        "latent_std": encoder.stochastic,
+        "storage_dtype": settings["storage_dtype"],
+        "counts": {
+            "records": len(source.records),
+            "items": sum(e["count"] for e in shard_entries),
+            "bad_images": len(bad),
+            "missing_captions": source.missing_captions,
+            "skipped_captions": source.skipped_captions,
+            "per_bucket": bucket_counts,
+        },
+        "shards": shard_entries,
+        "bad_images": bad,
+    }
+
+
+def _report_from_index(
+    output: Path, index: dict, source: Source, seconds: float, resumed: int | None = None
+) -> PrepareReport:
+    sizes = [tuple(s) for s in index["buckets"]["sizes"]]
+    counts = index["counts"]
+    return PrepareReport(
+        cache_dir=output,
+        items=counts["items"],
+        shards=len(index["shards"]),
+        resumed_shards=len(index["shards"]) if resumed is None else resumed,
+        records=counts["records"],
+        bad_images=[BadImage(Path(p), reason) for p, reason in index["bad_images"]],
+        missing_captions=source.missing_captions,
+        skipped_captions=source.skipped_captions,
+        bucket_counts={sizes[b]: n for b, n in enumerate(counts["per_bucket"]) if n},
+        seconds=seconds,
+    )

@@ -1,0 +1,313 @@
+"""Datasets and the DataLoader for training: cached features (``CachedDataset``) or images decoded on the fly.
+
+Both datasets expose ``bucket_of`` (the bucket of every item) and ``buckets`` so that ``make_loader`` can batch
+them with a ``BucketBatchSampler``. Items are dicts; ``collate`` stacks them.
+
+Latents are *not* sampled in the dataset: a cached item carries the posterior (mean, std), and the trainer draws
+``mean + std · ε`` per step with ``step_generator(seed, step)`` (FACTS §4: a fresh draw every time an item is
+read). Drawing in the training process, after the batch is on its device, keeps runs reproducible whatever the
+number of loader workers and avoids shipping random numbers between processes. ``collate`` can draw too, given
+a generator, for single-process use.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pixart_cli.data.buckets import BucketBatchSampler, Buckets, assign_buckets
+from pixart_cli.data.cache import FORMAT, INDEX, PLAN, SHARDS, VERSION
+from pixart_cli.data.sources import Record, Source
+from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, Resample, load_pixels
+from pixart_cli.encode import ImageEncoder, sample_latents
+from pixart_cli.errors import PixartError
+
+logger = logging.getLogger(__name__)
+
+_FIELDS = ("index", "latent_mean", "latent_std", "caption", "caption_mask", "label")
+
+
+def read_cache_index(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``index.json`` of a finished cache; a clear error for a missing, unfinished or foreign directory."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise PixartError(f"{cache_dir}: no such feature cache directory")
+    path = cache_dir / INDEX
+    if not path.is_file():
+        if (cache_dir / PLAN).is_file():
+            raise PixartError(f"{cache_dir}: unfinished feature cache (rerun `pixart prepare` to complete it)")
+        raise PixartError(f"{cache_dir}: not a feature cache (no {INDEX}; make one with `pixart prepare`)")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PixartError(f"{path}: unreadable ({exc})") from None
+    if index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise PixartError(f"{path}: not a version-{VERSION} {FORMAT} index")
+    return index
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Items of a feature cache, read from memory-mapped shards (only the pages an item touches are read).
+
+    Each item: ``latent_mean``/``latent_std`` (C, h, w) in the storage dtype (std zeros for pixel space),
+    ``caption`` (max_length, D) + ``caption_mask`` (max_length,) int64 — captions are zero-padded back to
+    ``max_length`` — or ``label`` (int64), ``resolution`` (2,) = bucket (H, W) in pixels, ``aspect_ratio`` (1,)
+    = H / W of the bucket size (what diffusers' pipeline passes at inference), ``index`` and ``bucket``.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.info = read_cache_index(self.cache_dir)
+        self.buckets = Buckets.from_json(self.info["buckets"])
+        self.max_length = self.info.get("max_length")
+        self.conditioning = self.info["conditioning"]
+        self.class_names = self.info.get("class_names")
+        self._shards = [s for s in self.info["shards"] if s["count"] > 0]
+        counts = [s["count"] for s in self._shards]
+        self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
+        self.bucket_of: list[int] = np.repeat([s["bucket"] for s in self._shards], counts).astype(int).tolist()
+        self._maps: dict[int, dict[str, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Each worker process maps the files itself; pickling the maps would copy their data.
+        return {**self.__dict__, "_maps": {}}
+
+    def _arrays(self, s: int) -> dict[str, np.ndarray]:
+        arrays = self._maps.get(s)
+        if arrays is None:
+            directory = self.cache_dir / SHARDS / self._shards[s]["name"]
+            arrays = {}
+            for name in _FIELDS:
+                path = directory / f"{name}.npy"
+                if path.exists():
+                    arrays[name] = np.load(path, mmap_mode="r")
+            if len(arrays.get("index", ())) != self._shards[s]["count"]:
+                raise PixartError(f"{directory}: shard does not match {INDEX} (was the cache modified?)")
+            self._maps[s] = arrays
+        return arrays
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} out of range for a cache of {len(self)} items")
+        s = bisect.bisect_right(self._offsets, index) - 1
+        j = index - self._offsets[s]
+        arrays = self._arrays(s)
+        bucket = self._shards[s]["bucket"]
+        height, width = self.buckets.sizes[bucket]
+        mean = torch.from_numpy(np.array(arrays["latent_mean"][j]))
+        std = torch.from_numpy(np.array(arrays["latent_std"][j])) if "latent_std" in arrays else torch.zeros_like(mean)
+        item: dict[str, Any] = {
+            "latent_mean": mean,
+            "latent_std": std,
+            "resolution": torch.tensor([height, width], dtype=torch.float32),
+            "aspect_ratio": torch.tensor([height / width], dtype=torch.float32),
+            "index": index,
+            "bucket": bucket,
+        }
+        if "caption" in arrays:
+            stored = arrays["caption"][j]
+            caption = np.zeros((self.max_length, stored.shape[-1]), dtype=stored.dtype)
+            caption[: len(stored)] = stored
+            mask = np.zeros((self.max_length,), dtype=np.int64)
+            mask[: len(stored)] = arrays["caption_mask"][j]
+            item["caption"], item["caption_mask"] = torch.from_numpy(caption), torch.from_numpy(mask)
+        else:
+            item["label"] = int(arrays["label"][j])
+        return item
+
+
+class OnTheFlyDataset(torch.utils.data.Dataset):
+    """Images decoded, resized to their bucket and returned as pixels, with their caption (str) or label.
+
+    The trainer encodes each batch with the same encoders ``prepare`` would use. An image that turns out to be
+    unreadable when read is replaced by the next item of its bucket (batches keep their size), with a warning;
+    images whose header is unreadable are dropped up front (listed in ``bad``).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        buckets: Buckets,
+        *,
+        resample: Resample = "lanczos",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_replacements: int = 8,
+    ) -> None:
+        bucket_of, self.bad = assign_buckets(records, buckets, max_pixels)
+        self.records = [r for r, b in zip(records, bucket_of, strict=True) if b >= 0]
+        self.bucket_of: list[int] = [b for b in bucket_of if b >= 0]
+        if not self.records:
+            raise PixartError("no readable images in the dataset")
+        self.buckets, self.resample, self.max_pixels = buckets, resample, max_pixels
+        self.max_replacements = max_replacements
+        # The next item of the same bucket (cyclically): the stand-in for an image that fails to decode.
+        self._next = list(range(len(self.records)))
+        for bucket in set(self.bucket_of):
+            members = [i for i, b in enumerate(self.bucket_of) if b == bucket]
+            for a, b in zip(members, members[1:] + members[:1], strict=True):
+                self._next[a] = b
+
+    @classmethod
+    def from_source(cls, source: Source, buckets: Buckets, **kwargs: Any) -> OnTheFlyDataset:
+        return cls(source.records, buckets, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        bucket = self.bucket_of[index]
+        height, width = self.buckets.sizes[bucket]
+        tried = index
+        for _ in range(self.max_replacements + 1):
+            record = self.records[tried]
+            pixels = load_pixels(record.path, (height, width), resample=self.resample, max_pixels=self.max_pixels)
+            if not isinstance(pixels, BadImage):
+                break
+            logger.warning("skipping unreadable image %s (%s)", pixels.path, pixels.reason)
+            tried = self._next[tried]
+        else:
+            raise PixartError(
+                f"{self.records[index].path}: this and {self.max_replacements} more images are unreadable"
+            )
+        item: dict[str, Any] = {
+            "pixels": pixels,
+            "resolution": torch.tensor([height, width], dtype=torch.float32),
+            "aspect_ratio": torch.tensor([height / width], dtype=torch.float32),
+            "index": tried,
+            "bucket": bucket,
+        }
+        if record.label is not None and record.caption is None:
+            item["label"] = record.label
+        else:
+            item["caption"] = record.caption or ""
+        return item
+
+
+def step_generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from (seed, *keys), e.g. (seed, rank, epoch, batch): the same draws for the same position,
+    whatever the number of loader workers, and nothing to save for a resume."""
+    entropy = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, *keys]
+    state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
+    return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def collate(items: list[dict[str, Any]], generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Stack items into a batch: tensors stacked, ints → int64 tensors, captions (str) → a list.
+
+    Given a ``generator`` and cached posteriors, also draws ``latents = mean + std · ε`` (float32).
+    """
+    batch: dict[str, Any] = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], int):
+            batch[key] = torch.tensor(values, dtype=torch.int64)
+        else:
+            batch[key] = values
+    if generator is not None and "latent_mean" in batch:
+        batch["latents"] = sample_latents(batch["latent_mean"], batch["latent_std"], generator)
+    return batch
+
+
+def make_loader(
+    dataset: CachedDataset | OnTheFlyDataset,
+    batch_size: int,
+    *,
+    seed: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+    prefetch_factor: int | None = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding this rank's bucketed batches (``loader.batch_sampler`` is the ``BucketBatchSampler``:
+    call its ``set_epoch`` each epoch, and use its ``state_dict``/``load_state_dict`` to resume).
+
+    ``pin_memory`` defaults to whether CUDA is available; ``persistent_workers`` to ``num_workers > 0`` (workers
+    and their memory maps survive across epochs).
+    """
+    sampler = BucketBatchSampler(
+        dataset.bucket_of, batch_size, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last
+    )
+    extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor is not None else {}
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers and num_workers > 0,
+        **extra,
+    )
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class LoaderBatches:
+    """A bucketed DataLoader as the trainer's batch source: ``iterate(epoch, start, device)`` yields
+    ``(epoch, next_batch, batch)`` forever (epoch after epoch), each batch on ``device`` with ``x0`` added.
+
+    ``x0`` is a fresh draw ``mean + std · ε`` from the cached posterior, with ``ε`` from
+    ``step_generator(seed, rank, epoch, batch)``: a pure function of the data position. For an
+    ``OnTheFlyDataset`` the batch is encoded here first: pixels with ``image_encoder`` (then sampled the same way)
+    and captions with ``text_encoder`` (``caption``, ``caption_mask``).
+    """
+
+    def __init__(
+        self,
+        loader: torch.utils.data.DataLoader,
+        *,
+        seed: int,
+        rank: int = 0,
+        image_encoder: ImageEncoder | None = None,
+        text_encoder: Any | None = None,
+    ) -> None:
+        if not isinstance(loader.batch_sampler, BucketBatchSampler):
+            raise ValueError("LoaderBatches needs a loader from make_loader (a BucketBatchSampler)")
+        self.loader, self.seed, self.rank = loader, seed, rank
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self.loader.batch_sampler)
+
+    def iterate(self, epoch: int, start: int, device: torch.device | str) -> Iterator[tuple[int, int, dict]]:
+        device = torch.device(device)
+        sampler: BucketBatchSampler = self.loader.batch_sampler
+        while True:
+            sampler.set_epoch(epoch, start)
+            for position, batch in enumerate(self.loader, start=start + 1):
+                yield epoch, position, self._prepare(_to_device(batch, device), epoch, position - 1, device)
+            epoch, start = epoch + 1, 0
+
+    def _prepare(self, batch: dict[str, Any], epoch: int, index: int, device: torch.device) -> dict[str, Any]:
+        generator = step_generator(self.seed, self.rank, epoch, index, device=device)
+        if "pixels" in batch:
+            if self.image_encoder is None:
+                raise ValueError("an on-the-fly dataset needs an image_encoder to make x0")
+            batch["latent_mean"], batch["latent_std"] = self.image_encoder.encode(batch.pop("pixels"))
+        batch["x0"] = sample_latents(batch["latent_mean"], batch["latent_std"], generator)
+        if isinstance(batch.get("caption"), list):
+            if self.text_encoder is None:
+                raise ValueError("an on-the-fly captioned dataset needs a text_encoder")
+            captions = self.text_encoder.encode(batch["caption"])
+            batch["caption_text"] = batch["caption"]
+            batch["caption"], batch["caption_mask"] = captions.embeddings.to(device), captions.mask.to(device)
+        return batch
