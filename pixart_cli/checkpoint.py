@@ -12,6 +12,8 @@ Writing is atomic (a hidden temporary directory renamed into place), so a killed
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +35,11 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
+CHECKPOINTS = "checkpoints"  # a training run's checkpoints: <run>/checkpoints/step-NNNNNNN/
+STATE_FILE = "training_state.pt"  # in training checkpoints: optimiser and LR schedule state (tensors only)
+POSITION_FILE = "position.json"  # in training checkpoints: step and data position (small, read to find the latest)
+
+logger = logging.getLogger(__name__)
 
 Architecture = Literal["PixArt", "DiT"]
 StateDict = dict[str, torch.Tensor]
@@ -210,3 +217,23 @@ def instantiate(
     model.load_state_dict(weights, strict=True, assign=True)
     model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def checkpoint_dirs(output: str | Path) -> list[tuple[int, Path]]:
+    """Complete training checkpoints under ``output`` as (step, path), oldest first (step read from the files)."""
+    root = Path(output) / CHECKPOINTS
+    found = []
+    for path in root.glob("step-*") if root.is_dir() else []:
+        position = path / POSITION_FILE
+        if path.is_dir() and position.is_file() and (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file():
+            try:
+                found.append((int(json.loads(position.read_text())["step"]), path))
+            except (OSError, KeyError, TypeError, ValueError):
+                logger.warning("ignoring unreadable checkpoint %s", path)
+    return sorted(found)
+
+
+def latest_in_run(path: str | Path) -> Path:
+    """A training run's output directory stands for its latest checkpoint; any other path for itself."""
+    found = checkpoint_dirs(path) if (Path(path) / CHECKPOINTS).is_dir() else []
+    return found[-1][1] if found else Path(path)

@@ -27,6 +27,7 @@ from pixart_cli.checkpoint import (
     CheckpointMeta,
     check_state_dict,
     is_checkpoint_dir,
+    latest_in_run,
     load_checkpoint,
     save_checkpoint,
 )
@@ -307,7 +308,7 @@ _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_
 
 
 def detect_format(path: str | Path) -> SourceFormat:
-    path = Path(path)
+    path = latest_in_run(path)
     if not path.exists():
         raise PixartError(f"{path}: no such file or directory")
     if path.is_dir():
@@ -401,6 +402,7 @@ def read_diffusers(path: str | Path, max_length: int = 120) -> Checkpoint:
 
 def read_any(path: str | Path, num_heads: int | None = None, max_length: int = 120) -> Checkpoint:
     """Read a PixArt checkpoint in any supported format (detected from the files)."""
+    path = latest_in_run(path)
     fmt = detect_format(path)
     if fmt == "pixart":
         ckpt = load_checkpoint(path)

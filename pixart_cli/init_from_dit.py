@@ -28,7 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pixart_cli.checkpoint import Checkpoint, CheckpointMeta, check_state_dict, is_checkpoint_dir, load_checkpoint
+from pixart_cli.checkpoint import (
+    Checkpoint,
+    CheckpointMeta,
+    check_state_dict,
+    is_checkpoint_dir,
+    latest_in_run,
+    load_checkpoint,
+)
 from pixart_cli.errors import PixartError
 from pixart_cli.io import load_torch_file
 from pixart_cli.models import DiTConfig, PixArtConfig, build_pixart, heads_for_width
@@ -42,7 +49,7 @@ DIT_CONSUMED = ("y_embedder.embedding_table.weight", "pos_embed", "adaLN_modulat
 
 def read_dit(path: str | Path, num_heads: int | None = None) -> tuple[StateDict, DiTConfig]:
     """A DiT state dict (raw, DiT ``train.py`` checkpoint → its ``ema``, or our DiT directory) and its config."""
-    path = Path(path)
+    path = latest_in_run(path)
     if path.is_dir():
         if not is_checkpoint_dir(path):
             raise PixartError(f"{path}: not a DiT checkpoint file or pixart checkpoint directory")

@@ -69,7 +69,7 @@ def launch_command(recipe_path: str, recipe: Recipe, overrides: tuple[str, ...] 
         cmd.append("--multi_gpu")
     if c.nodes > 1:
         cmd += ["--machine_rank=$NODE_RANK", "--main_process_ip=$MASTER_ADDR", "--main_process_port=29500"]
-    cmd.append(f"--mixed_precision={recipe.train.mixed_precision}")
+    cmd.append(f"--mixed_precision={recipe.train.accelerate_precision}")
     return " ".join([*cmd, "-m", "pixart_cli", *map(shlex.quote, args)])
 
 

@@ -80,7 +80,13 @@ class TrainSection:
     steps: int = 10000  # optimiser steps
     batch_size: int = 32  # per GPU (per process), per micro-step
     grad_accumulation: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    mixed_precision: Literal["fp32", "fp16", "bf16"] = "bf16"  # autocast dtype; weights stay fp32
+
+    @property
+    def accelerate_precision(self) -> str:
+        """accelerate's name for it ("no" for fp32: YAML would read a bare no as false)."""
+        return "no" if self.mixed_precision == "fp32" else self.mixed_precision
+
     ema_decay: float = 0.9999
     caption_dropout: float = 0.1  # probability of the null caption (the null class for DiT): CFG training
     seed: int = 43

@@ -37,14 +37,19 @@ import yaml
 from torch import nn
 
 from pixart_cli.checkpoint import (
-    MODEL_FILE,
+    CHECKPOINTS,
+    POSITION_FILE,
+    STATE_FILE,
     Checkpoint,
     CheckpointMeta,
     build_model,
+    checkpoint_dirs,
     expected_shapes,
+    latest_in_run,
     load_checkpoint,
     write_checkpoint_files,
 )
+from pixart_cli.data.loader import step_generator
 from pixart_cli.diffusion import GaussianDiffusion
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_directory, load_torch_file
@@ -53,12 +58,13 @@ from pixart_cli.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "training_state.pt"
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
+NUM_TIMESTEPS = 1000
 # Keys a stage may add to what it starts from; anything else missing from `model.init` is an error.
 NEW_IN_MULTI_SCALE = ("csize_embedder.", "ar_embedder.")
+# Keys of the step generators (seed, rank, step, micro-batch, stream): distinct from the data loader's draws.
+_TRAIN_STREAM = 1
 
 
 class TrainingDiverged(PixartError):
@@ -122,12 +128,6 @@ class EMA:
             param.copy_(state_dict[name])
 
 
-def _generator(seed: int, rank: int, step: int, stream: int, device: torch.device) -> torch.Generator:
-    """A generator whose state is a pure function of (seed, rank, step, stream): resumable without saved RNG."""
-    mixed = (seed * 1_000_003 + rank * 10_007 + step * 101 + stream) % (2**63 - 1)
-    return torch.Generator(device=device).manual_seed(mixed)
-
-
 #################################################################################
 #                                 Model set-up                                  #
 #################################################################################
@@ -189,26 +189,6 @@ def build_training_model(recipe: Recipe) -> tuple[nn.Module, str]:
 #################################################################################
 
 
-def checkpoint_dirs(output: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``output`` as (step, path), oldest first; the step is read from the state file."""
-    root = Path(output) / CHECKPOINTS
-    found = []
-    for path in root.glob("step-*") if root.is_dir() else []:
-        state = path / STATE_FILE
-        if path.is_dir() and state.is_file() and (path / MODEL_FILE).is_file():
-            try:
-                found.append((int(load_torch_file(state)["position"]["step"]), path))
-            except (PixartError, KeyError, TypeError, ValueError):
-                logger.warning("ignoring unreadable checkpoint %s", path)
-    return sorted(found)
-
-
-def latest_in_run(path: str | Path) -> Path:
-    """A training run's output directory stands for its latest checkpoint; any other path for itself."""
-    found = checkpoint_dirs(path) if (Path(path) / CHECKPOINTS).is_dir() else []
-    return found[-1][1] if found else Path(path)
-
-
 def resolve_resume(resume: str | None, output: str | Path) -> Path | None:
     if resume is None:
         return None
@@ -244,12 +224,8 @@ def save_training_checkpoint(
     with atomic_directory(directory, overwrite=True) as tmp:
         write_checkpoint_files(checkpoint, tmp)
         (tmp / RECIPE_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
-        state = {
-            "position": dataclasses.asdict(position),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        }
-        torch.save(state, tmp / STATE_FILE)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / STATE_FILE)
+        (tmp / POSITION_FILE).write_text(json.dumps(dataclasses.asdict(position)))
     for _, old in checkpoint_dirs(output)[: -recipe.output.keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return directory
@@ -270,6 +246,16 @@ class TrainResult:
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def ensure_output_dir(output: Path) -> None:
+    """Create ``output.dir`` and prove it writable now, not at the first checkpoint hours later."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / ".write-test").touch()
+        (output / ".write-test").unlink()
+    except OSError as exc:
+        raise PixartError(f"output.dir: cannot write to {output} ({exc.strerror})") from None
 
 
 def _forward(model: nn.Module, batch: dict, x_t: torch.Tensor, t: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
@@ -324,17 +310,14 @@ def train(
     """
     from accelerate import Accelerator
 
-    acc = accelerator or Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=not torch.cuda.is_available())
+    acc = accelerator or Accelerator(
+        mixed_precision=recipe.train.accelerate_precision, cpu=not torch.cuda.is_available()
+    )
     torch.backends.cuda.matmul.allow_tf32 = recipe.train.tf32
     torch.backends.cudnn.allow_tf32 = recipe.train.tf32
     output = Path(recipe.output.dir)
     if acc.is_main_process:
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-            (output / ".write-test").touch()
-            (output / ".write-test").unlink()
-        except OSError as exc:
-            raise PixartError(f"output.dir: cannot write to {output} ({exc.strerror})") from None
+        ensure_output_dir(output)
 
     model, description = build_training_model(recipe)
     logger.info("model: %s", description)
@@ -359,7 +342,7 @@ def train(
         state = load_torch_file(start / STATE_FILE)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        position = Position(**state["position"])
+        position = Position(**json.loads((start / POSITION_FILE).read_text()))
         logger.info("resumed from %s at step %d", start, position.step)
     elif resume not in (None, "auto"):
         raise PixartError(f"--resume {resume}: nothing to resume")
@@ -370,9 +353,9 @@ def train(
     ema.params = [p.to(acc.device) for p in ema.params]
     model, optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(model)
-    diffusion = GaussianDiffusion(learn_sigma=raw_model.config.learn_sigma)
+    diffusion = GaussianDiffusion(NUM_TIMESTEPS, learn_sigma=raw_model.config.learn_sigma)
     accumulation = recipe.train.grad_accumulation
-    rank, device, seed = acc.process_index, acc.device, recipe.train.seed
+    rank, world, device, seed = acc.process_index, acc.num_processes, acc.device, recipe.train.seed
     metrics_path = output / METRICS_FILE
     existing = checkpoint_dirs(output)
     last = existing[-1][1] if existing else None
@@ -392,12 +375,9 @@ def train(
             step_images = 0
             for micro in range(accumulation):
                 epoch, next_batch, batch = next(data)
-                g = _generator(seed, rank, step, micro, device)
                 x0 = batch["x0"]
                 b = x0.shape[0]
-                t = torch.randint(0, diffusion.num_timesteps, (b,), generator=g, device=device)
-                noise = torch.randn(x0.shape, generator=g, device=device, dtype=x0.dtype)
-                drop = torch.rand(b, generator=g, device=device) < recipe.train.caption_dropout
+                t, noise, drop = _draws(seed, step, micro, x0, world, rank, recipe.train.caption_dropout)
                 x_t = diffusion.q_sample(x0, t, noise)
                 sync = contextlib.nullcontext() if micro == accumulation - 1 else acc.no_sync(model)
                 with sync, acc.autocast():
@@ -450,7 +430,7 @@ def train(
             stopping = _any_process(acc, stop.signal is not None)
             at_end = position.step == recipe.train.steps
             if position.step % recipe.output.save_every == 0 or at_end or stopping:
-                acc.wait_for_everyone()
+                _check_replicas(acc, raw_model)
                 if acc.is_main_process:
                     last = save_training_checkpoint(
                         output, recipe, resolved, raw_model, ema, optimizer, scheduler, position
@@ -477,6 +457,35 @@ def train(
     acc.wait_for_everyone()
     acc.end_training()
     return TrainResult(last, position.step, losses[-1] if losses else math.nan, metrics_path)
+
+
+def _draws(
+    seed: int, step: int, micro: int, x0: torch.Tensor, world: int, rank: int, dropout: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Timesteps, noise and caption-dropout flags for this process's slice of the global micro-batch.
+
+    Drawn for the whole global batch from a generator keyed on (seed, step, micro) and sliced, so a run on N
+    processes sees exactly the draws of a one-process run with N times the batch (and a resumed run the same
+    draws as an uninterrupted one). Every process has the same bucket, hence the same shape, at each step.
+    """
+    g = step_generator(seed, step, micro, _TRAIN_STREAM, device=x0.device)
+    b = x0.shape[0]
+    mine = slice(rank * b, (rank + 1) * b)
+    t = torch.randint(0, NUM_TIMESTEPS, (world * b,), generator=g, device=x0.device)[mine]
+    noise = torch.randn((world * b, *x0.shape[1:]), generator=g, device=x0.device, dtype=x0.dtype)[mine]
+    drop = (torch.rand(world * b, generator=g, device=x0.device) < dropout)[mine]
+    return t, noise, drop
+
+
+def _check_replicas(acc: Any, model: nn.Module) -> None:
+    """Every process must hold the same weights; a cheap checksum catches a desynchronised data-parallel run."""
+    if acc.num_processes == 1:
+        return
+    with torch.no_grad():
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    gathered = acc.gather(checksum)
+    if not torch.all(gathered == gathered[0]):
+        raise PixartError(f"data-parallel processes hold different weights (checksums {gathered.tolist()})")
 
 
 def _any_process(acc: Any, flag: bool) -> bool:

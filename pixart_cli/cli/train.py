@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from pixart_cli.cli.common import app, console, fails_cleanly
+from pixart_cli.cli.common import app, console, fails_cleanly, library_logging, quiet_hub_libraries
 
 
 @app.command()
@@ -58,26 +57,29 @@ def train(
         print(p.launch)
         return
 
-    from pixart_cli.train import train as run_train
-    from pixart_cli.train_data import batch_source, validation_sampler
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=not torch.cuda.is_available())
-    source = batch_source(recipe, accelerator)
+    from pixart_cli.train import ensure_output_dir
+    from pixart_cli.train import train as run_train
+    from pixart_cli.train_data import batch_source, validation_sampler
+
+    quiet_hub_libraries()
+    ensure_output_dir(Path(recipe.output.dir))
+    accelerator = Accelerator(mixed_precision=recipe.train.accelerate_precision, cpu=not torch.cuda.is_available())
     progress = _Progress(recipe.train.steps, enabled=accelerator.is_main_process)
-    with progress:
-        result = run_train(
-            recipe,
-            resolved,
-            source,
-            resume=resume,
-            on_log=progress.update,
-            on_sample=validation_sampler(recipe),
-            accelerator=accelerator,
-        )
+    with library_logging():
+        source = batch_source(recipe, accelerator)  # data errors surface before the progress bar starts
+        with progress:
+            result = run_train(
+                recipe,
+                resolved,
+                source,
+                resume=resume,
+                on_log=progress.update,
+                on_sample=validation_sampler(recipe),
+                accelerator=accelerator,
+            )
     if accelerator.is_main_process:
         console.print(f"done: {result.steps} steps, last loss {result.final_loss:.4f}")
         console.print(f"checkpoint: [bold]{result.checkpoint}[/]  metrics: {result.metrics}")

@@ -1,0 +1,341 @@
+"""`pixart train`: recipes, the tiny end-to-end run, resume, data parallelism, the stage chain, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pixart_cli.checkpoint import checkpoint_dirs, load_checkpoint
+from pixart_cli.cli import app
+from pixart_cli.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+runner = CliRunner()
+
+# A tiny PixArt in pixel space on 32×32 ShapesWorld scenes: a few seconds per 50 steps on a CPU.
+TINY_MODEL = (
+    "{depth: 2, hidden_size: 96, num_heads: 4, patch_size: 4, input_size: 32, in_channels: 3, "
+    "caption_channels: 32, max_length: 32}"
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """ShapesWorld data in both formats, a tiny T5 trained on its captions, and a prepared feature cache."""
+    from pixart_cli.data.cache import prepare
+    from pixart_cli.data.shapes import caption, sample_scene, write_dataset
+    from pixart_cli.tiny import make_tiny_t5
+
+    root = tmp_path_factory.mktemp("world")
+    sentences = [caption(sample_scene(i), "dense", seed=i) for i in range(500)]
+    make_tiny_t5(root / "t5", sentences, d_model=32)
+    write_dataset(root / "captions", 96, resolution=32, seed=0, fmt="jsonl")
+    write_dataset(root / "classes", 96, resolution=32, seed=1, fmt="imagefolder")
+    prepare(
+        root / "captions" / "manifest.jsonl",
+        root / "cache",
+        t5=str(root / "t5"),
+        vae="none",
+        resolution=32,
+        max_length=32,
+    )
+    return root
+
+
+def stage2_args(world: Path, out: Path, steps: int = 50, batch: int = 16) -> list[str]:
+    return [
+        "--set", "model.variant=PixArt-S/2", "--set", f"model.config={TINY_MODEL}", "--set", "model.init=null",
+        "--set", "model.gradient_checkpointing=false",
+        "--set", f"data.path={world / 'captions' / 'manifest.jsonl'}", "--set", f"data.cache={world / 'cache'}",
+        "--set", "data.resolution=32", "--set", f"data.text_encoder={world / 't5'}", "--set", "data.vae=none",
+        "--set", "data.num_workers=0",
+        "--set", "optim.lr=5e-4", "--set", "optim.grad_clip=1.0", "--set", "optim.warmup_steps=5",
+        "--set", "optim.lr_scaling=none",
+        "--set", f"train.steps={steps}", "--set", f"train.batch_size={batch}", "--set", "train.mixed_precision=fp32",
+        "--set", "train.ema_decay=0.9", "--set", f"output.dir={out}", "--set", "output.save_every=25",
+        "--set", "log.every=5", "--set", "log.sample_every=0",
+        "--set", "cluster.nodes=1", "--set", "cluster.gpus_per_node=1",
+    ]  # fmt: skip
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_every_shipped_recipe_loads_and_dry_runs(recipe):
+    load_recipe(recipe)
+    result = runner.invoke(app, ["train", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "global batch" in result.output and "pixart_cli train" in result.output
+
+
+def test_xl_recipes_have_the_paper_model():
+    recipe, _ = load_recipe(ROOT / "recipes" / "stage2.yaml")
+    result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), "--dry-run"])
+    assert "610,856,096" in result.output
+    assert recipe.global_batch() == 176 * 64
+    result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage3.yaml"), "--dry-run"])
+    assert "611,349,152" in result.output
+
+
+def test_tiny_end_to_end_loss_goes_down_and_the_checkpoint_samples(world, tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *stage2_args(world, run)])
+    assert result.exit_code == 0, result.output
+    history = losses(run)
+    assert len(history) == 10 and history[-1] < 0.6 * history[0], history
+    assert (run / "loss.png").is_file()
+    assert [step for step, _ in checkpoint_dirs(run)] == [25, 50]
+    ckpt = load_checkpoint(run / "checkpoints" / "step-0000050")
+    assert ckpt.ema_state_dict is not None and ckpt.meta.vae == "none"
+    result = runner.invoke(
+        app, ["sample", "a red circle", "-n", "2", "--model", str(run), "--steps", "5", "-o", str(tmp_path / "samples")]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 2
+
+
+def test_resume_auto_continues_exactly(world, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert (
+        runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *stage2_args(world, full)]).exit_code == 0
+    )
+    args = stage2_args(world, split)
+    assert (
+        runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *args, "--set", "train.steps=25"]).exit_code
+        == 0
+    )
+    result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *args, "--resume", "auto"])
+    assert result.exit_code == 0, result.output
+    for name in ("model", "ema"):
+        a = load_file(full / "checkpoints" / "step-0000050" / f"{name}.safetensors")
+        b = load_file(split / "checkpoints" / "step-0000050" / f"{name}.safetensors")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert losses(full) == pytest.approx(losses(split), abs=1e-6)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(world, tmp_path):
+    """gloo data parallelism on the CPU: ranks agree (checked at each save) and equal a single process."""
+    recipe = str(ROOT / "recipes" / "stage2.yaml")
+    one = runner.invoke(app, ["train", recipe, *stage2_args(world, tmp_path / "one", steps=6, batch=16)])
+    assert one.exit_code == 0, one.output
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "pixart_cli",
+        "train",
+        recipe,
+        *stage2_args(world, tmp_path / "two", steps=6, batch=8),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(list((tmp_path / "two" / "checkpoints").iterdir())) == 1  # one checkpoint, written once
+    for name in ("model", "ema"):
+        a = load_file(tmp_path / "one" / "checkpoints" / "step-0000006" / f"{name}.safetensors")
+        b = load_file(tmp_path / "two" / "checkpoints" / "step-0000006" / f"{name}.safetensors")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_stage_chain_runs_at_tiny_size(world, tmp_path):
+    """stage 1 (class-conditional DiT) → init-from-dit → stage 2 → stage 3 (multi-scale), from the shipped recipes."""
+    tiny_dit = (
+        "{depth: 2, hidden_size: 96, num_heads: 4, patch_size: 4, input_size: 32, in_channels: 3, num_classes: 48}"
+    )
+    common = [
+        "--set",
+        "data.vae=none",
+        "--set",
+        "data.resolution=32",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.mixed_precision=fp32",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "optim.warmup_steps=0",
+        "--set",
+        "log.every=2",
+        "--set",
+        "log.sample_every=0",
+        "--set",
+        "cluster.nodes=1",
+        "--set",
+        "cluster.gpus_per_node=1",
+        "--set",
+        "data.cache=null",
+    ]
+    stage1 = runner.invoke(
+        app,
+        [
+            "train",
+            str(ROOT / "recipes" / "stage1.yaml"),
+            *common,
+            "--set",
+            "model.variant=DiT-S/4",
+            "--set",
+            f"model.config={tiny_dit}",
+            "--set",
+            "model.init=null",
+            "--set",
+            f"data.path={world / 'classes'}",
+            "--set",
+            f"output.dir={tmp_path / 's1'}",
+        ],
+    )
+    assert stage1.exit_code == 0, stage1.output
+    init = runner.invoke(
+        app,
+        [
+            "init-from-dit",
+            str(tmp_path / "s1"),
+            "-o",
+            str(tmp_path / "s1-pixart"),
+            "--caption-channels",
+            "32",
+            "--max-length",
+            "32",
+            "--num-heads",
+            "4",
+        ],
+    )
+    assert init.exit_code == 0, init.output
+    stage2_model = TINY_MODEL.replace("patch_size: 4", "patch_size: 4")
+    text = ["--set", f"data.text_encoder={world / 't5'}", "--set", f"data.path={world / 'captions' / 'manifest.jsonl'}"]
+    stage2 = runner.invoke(
+        app,
+        [
+            "train",
+            str(ROOT / "recipes" / "stage2.yaml"),
+            *common,
+            *text,
+            "--set",
+            "model.variant=PixArt-S/4",
+            "--set",
+            f"model.config={stage2_model}",
+            "--set",
+            f"model.init={tmp_path / 's1-pixart'}",
+            "--set",
+            f"output.dir={tmp_path / 's2'}",
+        ],
+    )
+    assert stage2.exit_code == 0, stage2.output
+    stage3_model = TINY_MODEL[:-1] + ", multi_scale: true, interpolation_scale: 1.0}"
+    stage3 = runner.invoke(
+        app,
+        [
+            "train",
+            str(ROOT / "recipes" / "stage3.yaml"),
+            *common,
+            *text,
+            "--set",
+            "data.multi_scale=true",
+            "--set",
+            "model.variant=PixArt-S/4",
+            "--set",
+            f"model.config={stage3_model}",
+            "--set",
+            f"model.init={tmp_path / 's2'}",
+            "--set",
+            f"output.dir={tmp_path / 's3'}",
+        ],
+    )
+    assert stage3.exit_code == 0, stage3.output
+    final = load_checkpoint(tmp_path / "s3" / "checkpoints" / "step-0000004")
+    assert final.config.multi_scale and "csize_embedder.mlp.0.weight" in final.state_dict
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+
+
+def one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    stage2 = str(ROOT / "recipes" / "stage2.yaml")
+    one_line_error(runner.invoke(app, ["train", stage2, "--dry-run", "--set", "optim.lrr=1"]), "optim.lrr", "unknown")
+    one_line_error(runner.invoke(app, ["train", stage2, "--dry-run", "--set", "train.steps=many"]), "train.steps")
+    one_line_error(
+        runner.invoke(app, ["train", stage2, "--dry-run", "--set", "model.config={depth: x}"]), "model.config.depth"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstage: 2\nmodel: [unclosed\n")
+    one_line_error(runner.invoke(app, ["train", str(bad), "--dry-run"]), "invalid YAML", "line")
+    one_line_error(runner.invoke(app, ["train", str(tmp_path / "absent.yaml")]), "no such recipe")
+
+
+def test_missing_data_and_unwritable_output(world, tmp_path):
+    stage2 = str(ROOT / "recipes" / "stage2.yaml")
+    args = stage2_args(world, tmp_path / "run")
+    result = runner.invoke(
+        app, ["train", stage2, *args, "--set", "data.cache=null", "--set", f"data.path={tmp_path / 'nothing'}"]
+    )
+    one_line_error(result, "nothing")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = runner.invoke(app, ["train", stage2, *args, "--set", f"output.dir={blocker / 'run'}"])
+    one_line_error(result, "output.dir")
+
+
+def test_nan_loss_stops_with_the_last_checkpoint_intact(world, tmp_path):
+    from pixart_cli.recipe import load_recipe as load
+    from pixart_cli.train import TrainingDiverged, train
+    from pixart_cli.train_data import batch_source
+
+    recipe, resolved = load(ROOT / "recipes" / "stage2.yaml", _pairs(stage2_args(world, tmp_path / "run", steps=40)))
+
+    class Poisoned:
+        """The real batches, with NaN inputs from step 30 on."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def iterate(self, epoch, start, device):
+            for i, (e, b, batch) in enumerate(self.inner.iterate(epoch, start, device)):
+                if i >= 29:
+                    batch["x0"] = torch.full_like(batch["x0"], float("nan"))
+                yield e, b, batch
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    with pytest.raises(TrainingDiverged, match=r"step 30.*step-0000025"):
+        train(recipe, resolved, Poisoned(batch_source(recipe, accelerator)), accelerator=accelerator)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000025")
+    assert all(torch.isfinite(v).all() for v in ckpt.state_dict.values())
+    assert [s for s, _ in checkpoint_dirs(tmp_path / "run")] == [25]
+
+
+def _pairs(args: list[str]) -> list[str]:
+    return [value for flag, value in zip(args[::2], args[1::2], strict=True) if flag == "--set"]
+
+
+def test_resolved_recipe_is_saved_with_each_checkpoint(world, tmp_path):
+    run = tmp_path / "run"
+    assert (
+        runner.invoke(
+            app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *stage2_args(world, run, steps=5)]
+        ).exit_code
+        == 0
+    )
+    saved = yaml.safe_load((run / "checkpoints" / "step-0000005" / "recipe.yaml").read_text())
+    assert saved["train"]["steps"] == 5 and saved["model"]["init"] is None
