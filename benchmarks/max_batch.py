@@ -1,0 +1,69 @@
+"""Largest per-GPU batch for PixArt-XL/2 training at 512 px with gradient checkpointing (bf16 autocast, AdamW).
+
+Measures the step's peak memory at two batch sizes, fits memory = resident + batch × per-sample, predicts the
+largest batch that fits the card (leaving a margin), then runs that batch to confirm. Compare with the official
+recipe's 38 per GPU. GPU only.
+
+    python benchmarks/max_batch.py [--side 64] [--margin-gib 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from pixart_cli.models import build_pixart, pixart_config
+
+
+def peak_for(model, opt, side: int, batch: int) -> tuple[float, float]:
+    """(peak bytes, seconds per step) of one training step at this batch."""
+    config = model.config
+    x = torch.randn(batch, 4, side, side, device="cuda")
+    caption = torch.randn(batch, config.max_length, config.caption_channels, device="cuda")
+    mask = torch.ones(batch, config.max_length, device="cuda")
+    t = torch.randint(0, 1000, (batch,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, t, caption, mask).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return torch.cuda.max_memory_allocated(), min(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--side", type=int, default=64, help="latent side (64 = 512 px)")
+    parser.add_argument("--margin-gib", type=float, default=2.0)
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = build_pixart(pixart_config("PixArt-XL/2", input_size=args.side)).cuda()
+    model.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    total = torch.cuda.get_device_properties(0).total_memory
+    (m1, s1), (m2, s2) = peak_for(model, opt, args.side, 16), peak_for(model, opt, args.side, 48)
+    per_sample = (m2 - m1) / 32
+    resident = m1 - 16 * per_sample
+    best = int((total - args.margin_gib * 2**30 - resident) / per_sample)
+    print(
+        f"{torch.cuda.get_device_name()}: {total / 2**30:.1f} GiB; resident state {resident / 2**30:.2f} GiB, "
+        f"{per_sample / 2**20:.1f} MiB per sample at {args.side * 8} px with checkpointing"
+    )
+    print(f"batch 16: {s1 * 1e3:.0f} ms/step ({16 / s1:.1f} img/s); batch 48: {s2 * 1e3:.0f} ms ({48 / s2:.1f} img/s)")
+    peak, seconds = peak_for(model, opt, args.side, best)
+    print(
+        f"predicted max batch {best} (margin {args.margin_gib} GiB): peak {peak / 2**30:.1f} GiB, "
+        f"{seconds * 1e3:.0f} ms/step, {best / seconds:.1f} img/s  (official recipe: 38)"
+    )
+
+
+if __name__ == "__main__":
+    main()

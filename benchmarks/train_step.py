@@ -1,0 +1,209 @@
+"""Train-step benchmark: our PixArt vs diffusers' PixArtTransformer2DModel, same config and weights.
+
+One step = forward + backward + AdamW on a batch of latents, captions (with padding masks) and timesteps.
+Prints a table of median step times, images/s, the step's peak GPU memory (gradients, AdamW moments and
+activations above the resident weights) and the ratio reference/ours (>1: we are faster).
+On a GPU it also reports model FLOPs utilisation (FACTS §8 formula) against a bf16 matmul peak measured in the
+same run. Timings are noisy: compare ratios, never absolute numbers across machines.
+
+    python benchmarks/train_step.py                      # CPU: tiny and small configs
+    python benchmarks/train_step.py --preset xl          # GPU: XL/2 at 256 and 512 px, bf16
+    python benchmarks/train_step.py --preset xl --compile --checkpointing
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pixart_cli.convert import diffusers_transformer_config, ours_to_diffusers
+from pixart_cli.models import PixArtConfig, build_pixart, pixart_config
+
+PRESETS = {
+    "cpu": [
+        (
+            "tiny 64 tok",
+            PixArtConfig(
+                depth=4, hidden_size=192, num_heads=3, patch_size=2, input_size=16, caption_channels=256, max_length=32
+            ),
+            16,
+            32,
+        ),
+        (
+            "small 256 tok",
+            PixArtConfig(
+                depth=6, hidden_size=384, num_heads=6, patch_size=2, input_size=32, caption_channels=512, max_length=64
+            ),
+            32,
+            8,
+        ),
+    ],
+    "xl": [
+        ("XL/2 256px", pixart_config("PixArt-XL/2", input_size=32), 32, 64),
+        ("XL/2 512px", pixart_config("PixArt-XL/2", input_size=64), 64, 16),
+    ],
+    "xl-1024": [
+        (
+            "XL/2 1024 MS",
+            pixart_config("PixArt-XL/2", input_size=128, multi_scale=True, interpolation_scale=2.0),
+            128,
+            12,
+        ),
+    ],
+}
+
+
+def flops_per_image(config: PixArtConfig, tokens: int, caption: int) -> float:
+    """Training FLOPs per image: 3× forward (FACTS §8 per-block multiply-adds × 2 FLOPs)."""
+    d, n, t = config.hidden_size, tokens, caption
+    per_block = 14 * n * d * d + 2 * t * d * d + 2 * n * n * d + 2 * n * t * d
+    return 3 * 2 * per_block * config.depth
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start)
+
+
+def make_batch(config: PixArtConfig, side: int, batch: int, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, side, side, generator=g)
+    caption = torch.randn(batch, config.max_length, config.caption_channels, generator=g)
+    lengths = torch.randint(5, config.max_length + 1, (batch,), generator=g)
+    mask = (torch.arange(config.max_length)[None] < lengths[:, None]).long()
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    target = torch.randn(batch, config.out_channels, side, side, generator=g)
+    resolution = torch.tensor([[side * 8.0, side * 8.0]]).repeat(batch, 1)
+    aspect_ratio = torch.ones(batch, 1)
+    return [v.to(device) for v in (x, caption, mask, t, target, resolution, aspect_ratio)]
+
+
+def step_fn(model, kind, batch, autocast_dtype, device):
+    x, caption, mask, t, target, resolution, aspect_ratio = batch
+    multi_scale = model.config.multi_scale if kind == "ours" else model.config.use_additional_conditions
+    if not multi_scale:
+        resolution = aspect_ratio = None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+    def step():
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if kind == "ours":
+                out = model(x, t, caption, mask, resolution=resolution, aspect_ratio=aspect_ratio)
+            else:
+                out = model(
+                    x,
+                    encoder_hidden_states=caption,
+                    timestep=t,
+                    encoder_attention_mask=mask,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                ).sample
+            loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(steps: dict, device, warmup: int, iters: int) -> dict[str, tuple[float, float]]:
+    """Median step time and peak memory per implementation, interleaving them so load changes hit all alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    peaks: dict[str, float] = {}
+    for name, step in steps.items():  # warm-up (and compilation) first, with its own peak memory
+        baseline = 0
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated()
+        for _ in range(warmup):
+            step()
+        sync()
+        # Peak above what was resident before (all models' weights, earlier optimisers' moments): this step's
+        # gradients, AdamW moments and activations, comparable between implementations of the same size.
+        used = torch.cuda.max_memory_allocated() - baseline if device.type == "cuda" else float("nan")
+        peaks[name] = used / 2**30
+    for _ in range(iters):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile per block")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both models")
+    parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    args = parser.parse_args()
+    from diffusers import PixArtTransformer2DModel  # after pixart_cli: its torchvision fix must come first
+
+    preset = "xl" if args.preset == "cuda" else args.preset
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_peak(device, torch.bfloat16) if device.type == "cuda" else None
+    print(
+        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  torch {torch.__version__}"
+        f"  threads {torch.get_num_threads()}  autocast {autocast}  checkpointing {args.checkpointing}"
+    )
+    if peak:
+        print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s")
+    header = f"{'config':<14} {'batch':>5} {'impl':<10} {'step ms':>9} {'img/s':>8} {'step GiB':>9} {'ratio':>6}"
+    print(header + ("  MFU" if peak else ""))
+    for name, config, side, batch in PRESETS[preset]:
+        batch = args.batch or batch
+        torch.manual_seed(0)
+        ours = build_pixart(config).to(device)
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.normal_(0, 0.02)
+        theirs = PixArtTransformer2DModel(**diffusers_transformer_config(config))
+        theirs.load_state_dict(ours_to_diffusers(ours.state_dict(), config), strict=True)
+        theirs = theirs.to(device)
+        if args.checkpointing:
+            ours.enable_gradient_checkpointing()
+            theirs.enable_gradient_checkpointing()
+        data = make_batch(config, side, batch, device, autocast)
+        runs = [("diffusers", theirs, "diffusers"), ("ours", ours, "ours")]
+        if args.compile:
+            compiled = build_pixart(config).to(device)
+            compiled.load_state_dict(ours.state_dict())
+            compiled.enable_gradient_checkpointing(args.checkpointing)
+            for block in compiled.blocks:
+                block.compile()
+            runs.append(("ours+comp", compiled, "ours"))
+        steps = {label: step_fn(model, kind, data, autocast, device) for label, model, kind in runs}
+        results = measure(steps, device, args.warmup, args.iters)
+        tokens = (side // config.patch_size) ** 2
+        reference = results["diffusers"][0]
+        for label, (seconds, mem) in results.items():
+            line = (
+                f"{name:<14} {batch:>5} {label:<10} {seconds * 1e3:>9.1f} {batch / seconds:>8.1f} {mem:>9.2f}"
+                f" {reference / seconds:>6.2f}"
+            )
+            if peak:
+                line += f"  {flops_per_image(config, tokens, config.max_length) * batch / seconds / peak:5.1%}"
+            print(line, flush=True)
+        del ours, theirs, steps
+        runs.clear()
+
+
+if __name__ == "__main__":
+    main()
