@@ -5,6 +5,7 @@ Commands live one module per topic and register themselves on the shared Typer `
 
 from pixart_cli.cli import (
     convert,  # noqa: F401  (registers convert, init-from-dit)
+    evaluate,  # noqa: F401  (registers eval-fid, eval-compbench)
     prepare,  # noqa: F401
     sample,  # noqa: F401
     selfcheck,  # noqa: F401
