@@ -88,6 +88,7 @@ class TrainSection:
         return "no" if self.mixed_precision == "fp32" else self.mixed_precision
 
     ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)); the official recipes (from trained weights) use none
     caption_dropout: float = 0.1  # probability of the null caption (the null class for DiT): CFG training
     seed: int = 43
     nan_policy: Literal["stop", "skip"] = "stop"  # on a non-finite loss or gradient

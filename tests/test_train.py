@@ -215,7 +215,7 @@ def test_stage_chain_runs_at_tiny_size(world, tmp_path):
         ],
     )
     assert init.exit_code == 0, init.output
-    stage2_model = TINY_MODEL.replace("patch_size: 4", "patch_size: 4")
+    stage2_model = TINY_MODEL
     text = ["--set", f"data.text_encoder={world / 't5'}", "--set", f"data.path={world / 'captions' / 'manifest.jsonl'}"]
     stage2 = runner.invoke(
         app,
@@ -339,3 +339,21 @@ def test_resolved_recipe_is_saved_with_each_checkpoint(world, tmp_path):
     )
     saved = yaml.safe_load((run / "checkpoints" / "step-0000005" / "recipe.yaml").read_text())
     assert saved["train"]["steps"] == 5 and saved["model"]["init"] is None
+
+
+def test_ema_warmup_forgets_the_initial_weights():
+    from pixart_cli.train import EMA
+
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, 0.9999, warmup=True)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10**7) == 0.9999
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for n in range(1000):
+        ema.update(model, n)
+    init_share = 1.0
+    for n in range(1000):
+        init_share *= ema.decay_at(n)
+    assert init_share < 1e-3  # without warm-up it would be 0.9999^1000 ≈ 0.90
+    assert torch.allclose(ema.params[0], torch.ones(2, 2), atol=0.01)
+    assert EMA(model, 0.9999, warmup=False).decay_at(0) == 0.9999

@@ -16,6 +16,7 @@ import bisect
 import json
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -248,11 +249,21 @@ def make_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
+        worker_init_fn=_ignore_stop_signals,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers and num_workers > 0,
         **extra,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which saves a checkpoint before it stops.
+
+    Ctrl-C and schedulers' TERM reach the whole process group; a worker dying of it would crash the trainer.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
