@@ -37,7 +37,7 @@ def ensure_shapes_dataset(recipe: Recipe) -> None:
     if target.exists() and any(target.iterdir()):
         return
     logger.info("generating ShapesWorld data in %s", target)
-    allowed = {"n", "resolution", "seed", "caption_style", "fmt", "split"}
+    allowed = {"n", "resolution", "seed", "caption_style", "fmt", "split", "workers"}
     unknown = set(spec) - allowed
     if unknown:
         raise PixartError(

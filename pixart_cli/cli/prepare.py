@@ -36,7 +36,12 @@ class Storage(str, enum.Enum):
 @fails_cleanly
 def prepare(
     data: Annotated[
-        Path, typer.Argument(help="Dataset: folder of images + .txt captions, a .jsonl manifest, or class folders.")
+        Path,
+        typer.Argument(
+            metavar="RECIPE_OR_DATA",
+            help="A training recipe (.yaml: its data section and model say everything), or a dataset: folder of "
+            "images + .txt captions, a .jsonl manifest, or class folders.",
+        ),
     ],
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Cache directory (default: DATA-cache beside DATA).")
@@ -66,13 +71,42 @@ def prepare(
     ] = 0.01,
     workers: Annotated[int, typer.Option("--workers", help="Image-decoding processes (0: main process).")] = 2,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache.")] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="With a recipe: override a recipe value (repeatable).")
+    ] = None,
 ) -> None:
-    """Pre-extract caption features (or class labels) and latents into a sharded cache; reruns resume."""
+    """Pre-extract caption features (or class labels) and latents into a sharded cache; reruns resume.
+
+    Given a recipe, the dataset, cache directory, encoders, resolution, buckets and caption length come from it
+    (--t5, --vae and -o still override), so `pixart train` then finds exactly the cache it expects.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pixart_cli.data.cache import PrepareProgress
     from pixart_cli.data.cache import prepare as run_prepare
 
+    bucket_multiple = None
+    if data.suffix in (".yaml", ".yml"):
+        from pixart_cli.models import DiTConfig
+        from pixart_cli.recipe import load_recipe
+        from pixart_cli.train_data import ensure_shapes_dataset
+
+        recipe, _ = load_recipe(data, tuple(overrides or ()))
+        config = recipe.model_config()
+        if recipe.data.path is None:
+            raise PixartError(f"{data}: data.path is not set")
+        output = output or (Path(recipe.data.cache) if recipe.data.cache else None)
+        if output is None:
+            raise PixartError(f"{data}: data.cache is not set; pass -o")
+        ensure_shapes_dataset(recipe)
+        t5 = t5 or (None if isinstance(config, DiTConfig) else recipe.data.text_encoder)
+        vae = vae or recipe.data.vae
+        resolution, multi_scale, kind = recipe.data.resolution, recipe.data.multi_scale, Kind(recipe.data.kind)
+        max_length = getattr(config, "max_length", max_length)
+        bucket_multiple = (1 if vae.strip().lower() == "none" else 8) * config.patch_size
+        data = Path(recipe.data.path)
+    elif overrides:
+        raise PixartError("--set needs a recipe as the first argument")
     if not vae:
         raise PixartError("--vae is required: a VAE directory or hub id, or 'none' for a pixel-space model")
     if workers < 0:
@@ -112,6 +146,7 @@ def prepare(
             batch_size=batch_size,
             shard_size=shard_size,
             max_length=max_length,
+            bucket_multiple=bucket_multiple,
             device=resolve_device(device),
             dtype=dtype.torch if dtype else None,
             storage_dtype={"fp16": "float16", "fp32": "float32"}[storage.value],
