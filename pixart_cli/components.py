@@ -22,8 +22,23 @@ def _offline_hint(name: str, what: str) -> str:
     )
 
 
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN = "builtin:"  # names an asset shipped inside the package, e.g. "builtin:shapes-t5"
+
+
+def resolve_builtin(name: str) -> str:
+    """``builtin:NAME`` → the path of that shipped asset (works wherever the package is installed)."""
+    if name.startswith(BUILTIN):
+        path = ASSETS / name[len(BUILTIN) :]
+        if not path.exists():
+            raise PixartError(f"{name}: no such built-in asset (in {ASSETS})")
+        return str(path)
+    return name
+
+
 def _resolve(name: str, what: str) -> tuple[str, bool]:
     """(path or id, local_files_only) — a path that looks local must exist."""
+    name = resolve_builtin(name)
     if os.path.isdir(name):
         return name, True
     if name.startswith((".", "/", "~")) or os.sep in name.rstrip("/").split("/", 1)[-1] or Path(name).suffix:

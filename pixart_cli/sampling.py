@@ -35,7 +35,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import nn
 
-from pixart_cli.components import Autoencoder, _offline_hint, load_autoencoder
+from pixart_cli.components import Autoencoder, _offline_hint, load_autoencoder, resolve_builtin
 from pixart_cli.convert import PIXART_SCHEDULER_CONFIG
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_file
@@ -329,8 +329,10 @@ def resolve_size(config: PixArtConfig, downsample: int, height: int | None, widt
 
 
 def default_model() -> str | None:
-    """The model ``pixart sample`` uses without ``--model``; None until a bundled demo model exists."""
-    return None
+    """The model ``pixart sample`` uses without ``--model``: the bundled ShapesWorld demo, when installed."""
+    from pixart_cli.demo import demo_model
+
+    return demo_model()
 
 
 def default_device() -> torch.device:
@@ -347,8 +349,9 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def resolve_model(name: str | os.PathLike) -> Path:
-    """A local path, or a diffusers pipeline hub id resolved through the Hugging Face cache (download if online)."""
-    path = Path(name).expanduser()
+    """A local path, a built-in asset (``builtin:shapes-demo``), or a diffusers pipeline hub id resolved through
+    the Hugging Face cache (download if online)."""
+    path = Path(resolve_builtin(str(name))).expanduser()
     if path.exists():
         if not os.access(path, os.R_OK):
             raise PixartError(f"{name}: not readable")

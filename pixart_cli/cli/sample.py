@@ -116,6 +116,7 @@ def sample(
 
     Existing images made with the same settings are skipped, so an interrupted run can be resumed.
     """
+    from pixart_cli.demo import SHAPES_DEMO, unknown_words
     from pixart_cli.sampling import Pipeline, check_sampler, default_model, write_samples
 
     prompt_list = _read_prompts(prompts, prompts_file)
@@ -130,6 +131,14 @@ def sample(
             "no model given: pass --model (our checkpoint directory, a diffusers pipeline, or an official .pth "
             "with --t5 and --vae)"
         )
+    if model == SHAPES_DEMO:
+        unknown = sorted({w for p in prompt_list for w in unknown_words(p)})
+        if unknown:
+            console.print(
+                f"[yellow]warning:[/] unknown to the demo model: {', '.join(unknown[:8])}. This demo model knows "
+                "shapes and colours; pass --model for a real PixArt checkpoint.",
+                soft_wrap=True,
+            )
     torch_device = resolve_device(device)
     quiet_hub_libraries()
     with library_logging():

@@ -38,6 +38,9 @@ Every shape, colour and colour pair is still seen in training; only these combin
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -601,6 +604,42 @@ def _seen_shape(rng: np.random.Generator, colour: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _write_items(
+    items: range,
+    *,
+    directory: Path,
+    image_dir: Path,
+    seed: int,
+    size: tuple[int, int],
+    split: Split,
+    antialias: bool,
+    caption_style: CaptionStyle,
+    fmt: DatasetFormat,
+    digits: int,
+) -> list[str]:
+    """Write scenes ``items`` (each seeded by (seed, i)); return their manifest lines (jsonl format)."""
+    width, height = size
+    manifest = []
+    for i in items:
+        rng = np.random.default_rng([seed, i])
+        scene = sample_scene(rng, aspect=width / height, split=split)
+        image = render(scene, (width, height), antialias=antialias)
+        name = f"{i:0{digits}d}.png"
+        if fmt == "imagefolder":
+            folder = directory / class_folder(scene_label(scene))
+            folder.mkdir(exist_ok=True)
+            image.save(folder / name, format="PNG")
+            continue
+        text = caption(scene, caption_style, rng)
+        image.save(image_dir / name, format="PNG")
+        if fmt == "folder":
+            (directory / name).with_suffix(".txt").write_text(text + "\n")
+        else:
+            record = {"path": f"images/{name}", "caption": text, "width": width, "height": height}
+            manifest.append(json.dumps(record, ensure_ascii=False))
+    return manifest
+
+
 def write_dataset(
     directory: str | Path,
     n: int,
@@ -611,6 +650,7 @@ def write_dataset(
     fmt: DatasetFormat = "folder",
     split: Split = "train",
     antialias: bool = True,
+    workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write ``n`` scenes to ``directory`` (created; must be absent or empty) and return it.
@@ -625,7 +665,8 @@ def write_dataset(
       have no folder, so take the label from the folder's number, not from its rank among the folders.
 
     Item ``i`` is drawn from ``numpy.random.default_rng([seed, i])``: the same seed writes byte-identical files and
-    a smaller ``n`` writes a prefix of a larger one. ``progress(done, n)`` is called after each item.
+    a smaller ``n`` writes a prefix of a larger one, whatever the number of ``workers`` (processes).
+    ``progress(done, n)`` is called as items are done.
     """
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
@@ -643,26 +684,25 @@ def write_dataset(
         (directory / "classes.txt").write_text("".join(f"{class_folder(k)}\n" for k in range(NUM_CLASSES)))
 
     digits = max(6, len(str(max(n - 1, 0))))
-    manifest = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        scene = sample_scene(rng, aspect=width / height, split=split)
-        image = render(scene, (width, height), antialias=antialias)
-        name = f"{i:0{digits}d}.png"
-        if fmt == "imagefolder":
-            folder = directory / class_folder(scene_label(scene))
-            folder.mkdir(exist_ok=True)
-            image.save(folder / name, format="PNG")
+    job = functools.partial(
+        _write_items, directory=directory, image_dir=image_dir, seed=seed, size=(width, height), split=split,
+        antialias=antialias, caption_style=caption_style, fmt=fmt, digits=digits,
+    )  # fmt: skip
+    chunk = 1 if workers <= 1 else max(1, min(1000, -(-n // workers)))  # serial: progress after every item
+    ranges = [range(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+    manifest: list[str] = []
+    done = 0
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(ranges) > 1:
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(workers))
+            results = pool.map(job, ranges)
         else:
-            text = caption(scene, caption_style, rng)
-            image.save(image_dir / name, format="PNG")
-            if fmt == "folder":
-                (directory / name).with_suffix(".txt").write_text(text + "\n")
-            else:
-                record = {"path": f"images/{name}", "caption": text, "width": width, "height": height}
-                manifest.append(json.dumps(record, ensure_ascii=False))
-        if progress is not None:
-            progress(i + 1, n)
+            results = map(job, ranges)
+        for lines, items in zip(results, ranges, strict=True):  # in order: the manifest matches a serial run
+            manifest += lines
+            done += len(items)
+            if progress is not None:
+                progress(done, n)
     if fmt == "jsonl":
         (directory / "manifest.jsonl").write_text("".join(line + "\n" for line in manifest))
     return directory

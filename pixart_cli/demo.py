@@ -1,0 +1,58 @@
+"""The miniature ShapesWorld assets that ship with the package (see docs/shapes.md).
+
+* ``builtin:shapes-t5``: a T5 v1.1-shaped encoder (2 layers, width 64) with random weights from a fixed seed and
+  a sentencepiece tokenizer trained on the world's captions. It is frozen, like T5-XXL for real PixArt: the
+  transformer learns to read its features. ``build_shapes_t5`` remakes it exactly.
+* ``builtin:shapes-demo``: the demo PixArt model, the default of ``pixart sample`` (when present).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+from pixart_cli.components import ASSETS
+
+SHAPES_T5 = "builtin:shapes-t5"
+SHAPES_DEMO = "builtin:shapes-demo"
+T5_WIDTH = 64
+
+
+def build_shapes_t5(directory: str | Path, seed: int = 0) -> Path:
+    """(Re)make the shipped ShapesWorld T5: tokenizer from 4,000 captions of every style and split, then a
+    random encoder from ``seed``."""
+    from pixart_cli.data.shapes import caption, sample_scene
+    from pixart_cli.tiny import make_tiny_t5
+
+    sentences = [
+        caption(sample_scene(i, split="all"), style, seed=i) for i in range(2000) for style in ("dense", "sparse")
+    ]
+    return make_tiny_t5(directory, sentences, d_model=T5_WIDTH, num_layers=2, num_heads=4, d_ff=128, seed=seed)
+
+
+@functools.cache
+def vocabulary() -> frozenset[str]:
+    """Every word the world's captions use (both styles, all combinations)."""
+    from pixart_cli.data.shapes import caption, sample_scene
+
+    words: set[str] = set()
+    for i in range(3000):
+        for style in ("dense", "sparse"):
+            words.update(_words(caption(sample_scene(i, split="all"), style, seed=i)))
+    return frozenset(words)
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """Words of ``prompt`` the demo model never saw in a caption (it knows shapes, colours and positions)."""
+    known = vocabulary()
+    return [w for w in dict.fromkeys(_words(prompt)) if w not in known]
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def demo_model() -> str | None:
+    """The shipped demo model, when this installation has one."""
+    return SHAPES_DEMO if (ASSETS / "shapes-demo" / "config.yaml").is_file() else None
