@@ -17,8 +17,8 @@ from tests.utils import TINY_DIT, diffusers_dit, randomize
 runner = CliRunner()
 
 
-def random_dit(config=TINY_DIT, seed=0):
-    return randomize(DiT(config), seed=seed, std=0.1).eval()
+def random_dit(config=TINY_DIT, seed=0, std=0.1):
+    return randomize(DiT(config), seed=seed, std=std).eval()
 
 
 def compare_at(pixart, reference, config, t, caption_channels, batch=2, seed=5):
@@ -111,7 +111,7 @@ def test_bad_dit_files_fail_cleanly(tmp_path):
 def test_real_shaped_xl2_reparameterisation(tmp_path):
     """DiT-XL/2 at 256 px with random weights (2.7 GB of float32): the identity holds at full size."""
     config = dit_config("DiT-XL/2")
-    dit = random_dit(config)
+    dit = random_dit(config, std=0.02)  # ~1/sqrt(width): activations stay O(1) through 28 blocks
     torch.save(dit.state_dict(), tmp_path / "DiT-XL-2-256x256.pt")
     ckpt = init_from_dit(tmp_path / "DiT-XL-2-256x256.pt")
     del dit
