@@ -1,0 +1,49 @@
+"""The shipped ShapesWorld assets: the demo is the default model, the T5 is reproducible, the level is pinned."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pixart_cli.cli import app
+from pixart_cli.components import ASSETS
+from pixart_cli.demo import SHAPES_DEMO, build_shapes_t5, demo_model, unknown_words
+
+runner = CliRunner()
+
+# ShapesBench on the first 24 held-out prompts (seed 0, one image each, DPM-Solver++ 20 steps, CFG 4.5), as measured
+# for the shipped model; docs/shapes.md has the 200-prompt numbers. Raise these when a better model ships.
+SHIPPED_LEVEL = {"color": 0.0, "shape": 0.0, "spatial": 0.0, "complex": 0.0}
+
+
+def test_the_demo_is_the_default_model_and_warns_outside_its_vocabulary(tmp_path):
+    assert demo_model() == SHAPES_DEMO
+    assert unknown_words("a red circle to the left of a blue square") == []
+    assert unknown_words("a corgi astronaut") == ["corgi", "astronaut"]
+    result = runner.invoke(app, ["sample", "a corgi astronaut", "-n", "2", "--steps", "4", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "knows shapes and colours" in result.output and "corgi" in result.output
+    assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_the_shipped_t5_is_what_build_shapes_t5_makes(tmp_path):
+    rebuilt = build_shapes_t5(tmp_path / "t5")
+    shipped = ASSETS / "shapes-t5"
+    assert (rebuilt / "spiece.model").read_bytes() == (shipped / "spiece.model").read_bytes()
+    a, b = load_file(rebuilt / "model.safetensors"), load_file(shipped / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shipped_model_level_does_not_regress():
+    from pixart_cli.data.shapes import heldout_prompts
+    from pixart_cli.data.shapes_detect import score_images
+    from pixart_cli.sampling import Pipeline, make_jobs
+
+    pipeline = Pipeline.from_pretrained(SHAPES_DEMO, device="cpu")
+    prompts = heldout_prompts(24, 0)
+    jobs = make_jobs([p.text for p in prompts], 1, 0)
+    images = [image for _, image in pipeline.generate(jobs, steps=20, cfg=4.5, batch_size=24)]
+    report = score_images(images, [p.spec for p in prompts])
+    for category, level in SHIPPED_LEVEL.items():
+        assert report.categories[category] >= level, (category, report.categories)
