@@ -127,6 +127,9 @@ class GaussianDiffusion:
         self.log_betas = self.betas.log()
         # "Fixed large" log-variance for models without learned sigma.
         self.fixed_large_log_variance = torch.cat([self.posterior_log_variance_clipped[:1], self.log_betas[1:]])
+        # Per-device copies of the schedule: copying it from host memory at every gather would be a blocking
+        # host-to-device transfer (a synchronisation point) several times per training step.
+        self._device_copies: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------------------------------------------
     # Helpers
@@ -134,8 +137,12 @@ class GaussianDiffusion:
 
     def _gather(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """values[t] (float64) cast to ``like``'s dtype and shaped (B, 1, ..., 1) to broadcast against it."""
-        out = values.to(t.device)[t].to(like.dtype)
-        return out.view(-1, *([1] * (like.ndim - 1)))
+        if values.device != t.device:
+            key = (id(values), t.device)
+            if key not in self._device_copies:
+                self._device_copies[key] = values.to(t.device)
+            values = self._device_copies[key]
+        return values[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
     @staticmethod
     def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -14,7 +14,8 @@ state::
         training_state.pt                                 # optimiser, LR schedule, data position (tensors only)
 
 Each is written to a hidden temporary directory and renamed into place, so a killed job never leaves a partial
-checkpoint where ``--resume auto`` would look; only the last ``output.keep_last`` are kept.
+checkpoint where ``--resume auto`` would look (the next run deletes the hidden leftover); only the last
+``output.keep_last`` are kept.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from pixart_cli.checkpoint import (
 from pixart_cli.data.loader import step_generator
 from pixart_cli.diffusion import GaussianDiffusion
 from pixart_cli.errors import PixartError
-from pixart_cli.io import atomic_directory, load_torch_file
+from pixart_cli.io import atomic_directory, load_torch_file, remove_stale_temporaries
 from pixart_cli.models import DiTConfig, PixArtConfig
 from pixart_cli.recipe import Recipe
 
@@ -327,6 +328,8 @@ def train(
     output = Path(recipe.output.dir)
     if acc.is_main_process:
         ensure_output_dir(output)
+        for path in remove_stale_temporaries(output / CHECKPOINTS):  # never picked up, but each is a full checkpoint
+            logger.info("removed a half-written checkpoint left by an interrupted run: %s", path.name)
 
     model, description = build_training_model(recipe)
     logger.info("model: %s", description)
@@ -401,27 +404,32 @@ def train(
                 position.images += b * acc.num_processes
                 step_images += b * acc.num_processes
             grad_norm = acc.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip or math.inf)
-            finite = bool(torch.isfinite(step_loss)) and (
-                recipe.train.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm))
-            )  # one host sync per step; fp16 overflow in the gradients is the grad scaler's business
+            # The one host sync of the step: the loss averaged over processes, any process's stop signal, and the
+            # gradient norm (equal on all processes after the all-reduce), so every process decides alike.
+            votes = torch.stack([step_loss.float(), torch.tensor(float(stop.signal is not None), device=device)])
+            if world > 1:
+                votes = acc.reduce(votes, "sum")
+            loss_sum, stop_votes, norm = torch.cat([votes, grad_norm.detach().float().reshape(1)]).tolist()
+            loss_value, stopping = loss_sum / world, stop_votes > 0
+            # fp16 overflow in the gradients is the grad scaler's business (it skips that update itself).
+            finite = math.isfinite(loss_value) and (recipe.train.mixed_precision == "fp16" or math.isfinite(norm))
             if not finite:
                 if recipe.train.nan_policy == "stop":
                     where = f"last good checkpoint: {last}" if last else "no checkpoint was written"
                     raise TrainingDiverged(f"non-finite loss or gradient at step {step + 1}; stopped ({where})")
                 logger.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
-                optimizer.zero_grad(set_to_none=True)
-                position.step += 1
-                continue
-            optimizer.step()
-            scheduler.step()
+            else:
+                optimizer.step()
+                scheduler.step()
+                ema.update(raw_model, position.step)
             optimizer.zero_grad(set_to_none=True)
-            ema.update(raw_model, position.step)
             position.step += 1
 
-            loss_value = acc.reduce(step_loss, "mean").item()
-            losses.append(loss_value)
-            window_images += step_images
-            if position.step % recipe.log.every == 0 or position.step == recipe.train.steps:
+            # A skipped step is not logged, but still saves and stops where due (the last step included).
+            if finite:
+                losses.append(loss_value)
+                window_images += step_images
+            if finite and (position.step % recipe.log.every == 0 or position.step == recipe.train.steps):
                 elapsed = time.perf_counter() - window_start
                 recent = losses[-recipe.log.every :]
                 record = {
@@ -430,7 +438,7 @@ def train(
                     "lr": scheduler.get_last_lr()[0],
                     "images_per_s": window_images / max(elapsed, 1e-9),
                     "images": position.images,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": norm,
                 }
                 if metrics is not None:
                     metrics.write(json.dumps(record) + "\n")
@@ -442,7 +450,6 @@ def train(
                         on_log(record)
                 window_images, window_start = 0, time.perf_counter()
 
-            stopping = _any_process(acc, stop.signal is not None)
             at_end = position.step == recipe.train.steps
             if position.step % recipe.output.save_every == 0 or at_end or stopping:
                 _check_replicas(acc, raw_model)
@@ -510,13 +517,6 @@ def _tensorboard(output: Path) -> Any:
     except ImportError:
         return None
     return SummaryWriter(str(output / "tensorboard"))
-
-
-def _any_process(acc: Any, flag: bool) -> bool:
-    if acc.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=acc.device)
-    return bool(acc.reduce(value, "sum").item() > 0)
 
 
 def _ema_model(model: nn.Module, ema: EMA) -> nn.Module:
