@@ -19,6 +19,7 @@ from pixart_cli.models.layers import (
     PatchEmbed,
     SelfAttention,
     TimestepEmbedder,
+    check_transformer_shape,
     layer_norm,
     modulate,
     sincos_pos_embed_2d,
@@ -41,15 +42,9 @@ class DiTConfig:
     variant: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "num_classes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos embedding)")
-        if self.input_size % self.patch_size:
-            raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
+        check_transformer_shape(
+            self, ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "num_classes")
+        )
 
     @property
     def out_channels(self) -> int:

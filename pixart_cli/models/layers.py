@@ -11,6 +11,20 @@ from torch import nn
 FREQUENCY_EMBEDDING_SIZE = 256
 
 
+def check_transformer_shape(config: object, positive: tuple[str, ...]) -> None:
+    """Shape checks shared by the DiT and PixArt configs (raise ValueError naming the field)."""
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    hidden, heads = config.hidden_size, config.num_heads
+    if hidden % heads:
+        raise ValueError(f"hidden_size {hidden} is not divisible by num_heads {heads}")
+    if hidden % 4:
+        raise ValueError(f"hidden_size {hidden} must be divisible by 4 (2-D sin-cos embedding)")
+    if config.input_size % config.patch_size:
+        raise ValueError(f"input_size {config.input_size} is not a multiple of patch_size {config.patch_size}")
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 

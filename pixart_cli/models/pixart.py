@@ -31,6 +31,7 @@ from pixart_cli.models.layers import (
     PatchEmbed,
     SelfAttention,
     TimestepEmbedder,
+    check_transformer_shape,
     layer_norm,
     modulate,
     sincos_pos_embed_2d,
@@ -41,6 +42,10 @@ from pixart_cli.models.layers import (
 #################################################################################
 #                                  Config                                       #
 #################################################################################
+
+
+_POSITIVE = ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "caption_channels",
+             "max_length")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -62,26 +67,9 @@ class PixArtConfig:
     variant: str | None = None  # informational name, e.g. "PixArt-XL/2"
 
     def __post_init__(self) -> None:
-        for name in (
-            "depth",
-            "hidden_size",
-            "num_heads",
-            "patch_size",
-            "input_size",
-            "in_channels",
-            "caption_channels",
-            "max_length",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos embedding)")
+        check_transformer_shape(self, _POSITIVE)
         if self.multi_scale and self.hidden_size % 3:
             raise ValueError(f"a multi-scale model needs hidden_size divisible by 3, got {self.hidden_size}")
-        if self.input_size % self.patch_size:
-            raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
         if self.mlp_ratio <= 0 or self.interpolation_scale <= 0:
             raise ValueError("mlp_ratio and interpolation_scale must be positive")
 
