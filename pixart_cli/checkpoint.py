@@ -107,7 +107,11 @@ def expected_shapes(config: PixArtConfig | DiTConfig) -> dict[str, torch.Size]:
 
 
 def check_state_dict(state_dict: StateDict, config: PixArtConfig | DiTConfig, what: str) -> None:
-    """Raise a PixartError naming missing, unexpected and wrongly shaped keys."""
+    """Raise a PixartError naming missing, unexpected, wrongly shaped and non-floating-point keys.
+
+    Every weight of both architectures is real floating point (any precision); integer, boolean or complex tensors
+    would fail deep inside ``load_state_dict`` or silently lose their imaginary part.
+    """
     expected = expected_shapes(config)
     problems = []
     missing = [k for k in expected if k not in state_dict]
@@ -117,7 +121,17 @@ def check_state_dict(state_dict: StateDict, config: PixArtConfig | DiTConfig, wh
         for k, s in expected.items()
         if k in state_dict and state_dict[k].shape != s
     ]
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+    dtypes = [
+        f"{k} {str(state_dict[k].dtype).removeprefix('torch.')}"
+        for k in expected
+        if k in state_dict and not state_dict[k].is_floating_point()
+    ]
+    for label, keys in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("wrong shapes", wrong),
+        ("not floating point", dtypes),
+    ):
         if keys:
             shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
             problems.append(f"{label}: {shown}")
@@ -162,9 +176,11 @@ def read_config(directory: str | Path) -> tuple[PixArtConfig | DiTConfig, Checkp
     """Validate ``config.yaml`` of a checkpoint directory into typed objects."""
     path = Path(directory) / CONFIG_FILE
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise PixartError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise PixartError(f"{path}: not a text file") from None
     except yaml.YAMLError as exc:
         raise PixartError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     try:
@@ -180,7 +196,8 @@ def read_config(directory: str | Path) -> tuple[PixArtConfig | DiTConfig, Checkp
     return model, cfg.meta
 
 
-def _read_weights(path: Path) -> StateDict:
+def read_weights(path: Path) -> StateDict:
+    """A safetensors file as a state dict; a PixartError (not safetensors' own) for a damaged or foreign file."""
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:
@@ -195,11 +212,11 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     if not is_checkpoint_dir(directory):
         raise PixartError(f"{directory}: not a pixart checkpoint (needs {CONFIG_FILE} and {MODEL_FILE})")
     config, meta = read_config(directory)
-    state_dict = _read_weights(directory / MODEL_FILE)
+    state_dict = read_weights(directory / MODEL_FILE)
     check_state_dict(state_dict, config, str(directory / MODEL_FILE))
     ema = None
     if (directory / EMA_FILE).is_file():
-        ema = _read_weights(directory / EMA_FILE)
+        ema = read_weights(directory / EMA_FILE)
         check_state_dict(ema, config, str(directory / EMA_FILE))
     return Checkpoint(config, state_dict, ema, meta)
 

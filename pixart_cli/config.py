@@ -26,6 +26,7 @@ class ConfigError(PixartError):
 
 
 def _name(path: str, key: str) -> str:
+    key = key if key.isprintable() else repr(key)  # a control character could break the line or the terminal
     return f"{path}.{key}" if path else key
 
 

@@ -29,6 +29,7 @@ from pixart_cli.checkpoint import (
     is_checkpoint_dir,
     latest_in_run,
     load_checkpoint,
+    read_weights,
     save_checkpoint,
 )
 from pixart_cli.errors import PixartError
@@ -181,6 +182,13 @@ def official_config(
     ):
         if key not in state_dict:
             raise PixartError(f"{what}: missing key {key} (is this a PixArt checkpoint?)")
+    try:
+        return _official_config(state_dict, num_heads, what)
+    except (ValueError, IndexError, ZeroDivisionError) as exc:  # shapes that no PixArt has
+        raise PixartError(f"{what}: inconsistent shapes ({str(exc).splitlines()[0][:160]})") from None
+
+
+def _official_config(state_dict: StateDict, num_heads: int | None, what: str) -> PixArtConfig:
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
     if out_channels not in (in_channels, 2 * in_channels):
@@ -196,23 +204,20 @@ def official_config(
         scale = infer_interpolation_scale(state_dict["pos_embed"].float(), hidden, what)
     if input_size is None:
         raise PixartError(f"{what}: missing key pos_embed (needed to know the model's base resolution)")
-    try:
-        return PixArtConfig(
-            depth=_block_count(state_dict, r"blocks\.(\d+)\.attn\.qkv\.weight$"),
-            hidden_size=hidden,
-            num_heads=_num_heads(hidden, num_heads, what),
-            patch_size=patch,
-            input_size=input_size,
-            in_channels=in_channels,
-            learn_sigma=out_channels == 2 * in_channels,
-            mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
-            caption_channels=caption_channels,
-            max_length=max_length,
-            interpolation_scale=scale,
-            multi_scale="csize_embedder.mlp.0.weight" in state_dict,
-        )
-    except ValueError as exc:
-        raise PixartError(f"{what}: inconsistent shapes ({exc})") from None
+    return PixArtConfig(
+        depth=_block_count(state_dict, r"blocks\.(\d+)\.attn\.qkv\.weight$"),
+        hidden_size=hidden,
+        num_heads=_num_heads(hidden, num_heads, what),
+        patch_size=patch,
+        input_size=input_size,
+        in_channels=in_channels,
+        learn_sigma=out_channels == 2 * in_channels,
+        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        caption_channels=caption_channels,
+        max_length=max_length,
+        interpolation_scale=scale,
+        multi_scale="csize_embedder.mlp.0.weight" in state_dict,
+    )
 
 
 def expected_pos_embed(config: PixArtConfig) -> torch.Tensor:
@@ -361,19 +366,20 @@ def read_official(path: str | Path, num_heads: int | None = None) -> Checkpoint:
 
 
 def _read_diffusers_weights(directory: Path) -> StateDict:
-    from safetensors.torch import load_file
-
     index = next(directory.glob("diffusion_pytorch_model*.safetensors.index.json"), None)
     if index is not None:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PixartError(f"{index}: not a safetensors index ({type(exc).__name__})") from None
         state_dict: StateDict = {}
         for shard in shards:
-            state_dict.update(load_file(str(directory / shard)))
+            state_dict.update(read_weights(directory / str(shard)))
         return state_dict
     for name in _DIFFUSERS_WEIGHTS:
         if (directory / name).is_file():
             file = directory / name
-            return load_file(str(file)) if name.endswith(".safetensors") else _tensor_dict(load_torch_file(file), name)
+            return read_weights(file) if name.endswith(".safetensors") else _tensor_dict(load_torch_file(file), name)
     raise PixartError(f"{directory}: no diffusers weights ({' or '.join(_DIFFUSERS_WEIGHTS)})")
 
 
@@ -381,9 +387,11 @@ def read_diffusers(path: str | Path, max_length: int = 120) -> Checkpoint:
     path = Path(path)
     directory = path / "transformer" if (path / "model_index.json").is_file() else path
     try:
-        cfg = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PixartError(f"{directory / 'config.json'}: cannot read ({exc})") from None
+        cfg = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise PixartError(f"{directory / 'config.json'}: cannot read ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(cfg, dict):
+        raise PixartError(f"{directory / 'config.json'}: not a diffusers model config (not a JSON object)")
     if cfg.get("_class_name", "PixArtTransformer2DModel") != "PixArtTransformer2DModel":
         raise PixartError(f"{directory}: a {cfg.get('_class_name')}, not a PixArtTransformer2DModel")
     config = config_from_diffusers(cfg, max_length, str(directory / "config.json"))

@@ -10,7 +10,7 @@ import shutil
 import uuid
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ def load_torch_file(path: str | os.PathLike) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError:
-        foreign = [name for name in _pickle_globals(path) if not name.startswith(_SAFE_MODULES)]
+        foreign = [name for name in _pickle_globals(path) if _runs_code(name)]
         if foreign:
             raise PixartError(
                 f"{path}: refusing to load: this pickle would run code ({foreign[0]}); only tensors and plain "
@@ -41,7 +41,20 @@ def load_torch_file(path: str | os.PathLike) -> Any:
         raise PixartError(f"{path}: not a PyTorch checkpoint file{f' ({detail})' if detail else ''}") from None
 
 
-_SAFE_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy")
+_SAFE_MODULES = ("torch", "collections", "_codecs", "numpy")
+# Builtins a tensor pickle may name (types and containers); any other (eval, exec, getattr, __import__) runs code.
+_SAFE_BUILTINS = frozenset(
+    {"set", "frozenset", "slice", "range", "complex", "bytearray", "bytes", "int", "float", "bool", "str", "tuple",
+     "list", "dict"}
+)  # fmt: skip
+
+
+def _runs_code(name: str) -> bool:
+    """Whether a pickle global would run code of its own choosing (for the message; nothing is ever unpickled)."""
+    module, _, attribute = name.rpartition(".")
+    if module == "builtins":
+        return attribute not in _SAFE_BUILTINS
+    return not any(module == safe or module.startswith(safe + ".") for safe in _SAFE_MODULES)
 
 
 def _pickle_globals(path: Path) -> list[str]:
@@ -75,6 +88,60 @@ def _fsync_tree(root: Path) -> None:
 
 def _temp_sibling(dst: Path, kind: str) -> Path:
     return dst.parent / f".{dst.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _writer_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # a live process of another user
+        return False
+    return False
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, names: Collection[str] | None = None) -> list[Path]:
+    """Delete the hidden temporaries (``.NAME.tmp-PID-…``) that a killed :func:`atomic_file` or
+    :func:`atomic_directory` left in ``directory``; returns what was removed.
+
+    With ``names``, the temporaries of those final names are removed whoever wrote them: for callers that are the
+    only writer of those names (a shard of a generation run, possibly on another host of a shared file system).
+    Without, those whose writing process no longer exists on this host.
+    """
+    directory = Path(directory)
+    removed = []
+    for path in directory.glob(".*.tmp-*") if directory.is_dir() else []:
+        final, _, rest = path.name[1:].rpartition(".tmp-")
+        if names is not None:
+            stale = final in names
+        else:
+            try:
+                stale = _writer_is_gone(int(rest.split("-")[0]))
+            except ValueError:  # not one of ours
+                stale = False
+        if stale:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC; always the last 12 bytes
+
+
+def png_is_complete(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PNG that ends with its IEND chunk: a cheap test (two small reads) for a file that was
+    cut short (a copy or a non-atomic writer killed half-way), which decoders would otherwise fail on later."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_PNG_SIGNATURE))
+            f.seek(0, os.SEEK_END)
+            if f.tell() < len(_PNG_SIGNATURE) + len(_PNG_END):
+                return False
+            f.seek(-len(_PNG_END), os.SEEK_END)
+            return head == _PNG_SIGNATURE and f.read() == _PNG_END
+    except OSError:
+        return False
 
 
 def _prepare_parent(dst: Path, overwrite: bool) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from dataclasses import dataclass
 
 import torch
 
 from pixart_cli.checkpoint import build_model
+from pixart_cli.errors import PixartError
 from pixart_cli.models import DiTConfig
 from pixart_cli.recipe import Recipe
 
@@ -37,9 +39,21 @@ class Plan:
 
 
 def count_parameters(recipe: Recipe) -> tuple[int, int]:
-    with torch.device("meta"):
-        model = build_model(recipe.model_config())
-    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(all, trainable) parameters, counted on the meta device at depths 1 and 2 (the blocks are identical): no time
+    or memory for any depth, and a clear error for sizes no tensor can have."""
+    config = recipe.model_config()
+    counts = []
+    for depth in (1, 2):
+        try:
+            with torch.device("meta"):
+                model = build_model(dataclasses.replace(config, depth=depth))
+        except (RuntimeError, TypeError, ValueError, OverflowError) as exc:  # e.g. a width whose matrices overflow
+            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise PixartError(f"model.config: cannot build this model ({detail})") from None
+        params = list(model.parameters())
+        counts.append((sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
+    (one, one_trainable), (two, two_trainable) = counts
+    return one + (config.depth - 1) * (two - one), one_trainable + (config.depth - 1) * (two_trainable - one_trainable)
 
 
 def memory_estimate(recipe: Recipe, parameters: int) -> float:

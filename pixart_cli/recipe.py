@@ -57,6 +57,8 @@ class DataSection:
             raise ValueError(f"resolution: must be a positive multiple of 8, got {self.resolution}")
         if not 0 <= self.max_bad_fraction < 1:
             raise ValueError("max_bad_fraction: must be in [0, 1)")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be 0 or more, got {self.num_workers}")
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,15 @@ class OptimSection:
     reference_batch: int = 256
 
     def __post_init__(self) -> None:
+        for name in ("lr", "eps", "weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):  # nan would pass every comparison below
+                raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ValueError("optim: lr and eps must be positive; weight_decay, grad_clip, warmup_steps ≥ 0")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas: both must be in [0, 1), got {list(self.betas)}")
+        if self.reference_batch <= 0:
+            raise ValueError(f"reference_batch: must be positive, got {self.reference_batch}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,8 @@ class TrainSection:
             raise ValueError("train: steps, batch_size and grad_accumulation must be positive")
         if not 0 <= self.ema_decay < 1 or not 0 <= self.caption_dropout < 1:
             raise ValueError("train: ema_decay and caption_dropout must be in [0, 1)")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed: must be in [0, 2^64), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,8 @@ class LogSection:
     def __post_init__(self) -> None:
         if self.every <= 0 or self.sample_every < 0:
             raise ValueError("log: every must be positive and sample_every ≥ 0")
+        if self.sample_steps <= 0 or not (math.isfinite(self.sample_cfg) and self.sample_cfg >= 0):
+            raise ValueError(f"sample_steps must be positive and sample_cfg a number ≥ 0, got {self.sample_cfg}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,10 @@ class ClusterSection:
     nodes: int = 1
     gpus_per_node: int = 8
     launcher: Literal["accelerate", "torchrun"] = "accelerate"
+
+    def __post_init__(self) -> None:
+        if self.nodes <= 0 or self.gpus_per_node <= 0:
+            raise ValueError(f"nodes and gpus_per_node must be positive, got {self.nodes} and {self.gpus_per_node}")
 
     @property
     def world_size(self) -> int:
@@ -185,11 +202,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise PixartError(f"{path}: no such recipe file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PixartError(f"{path}: cannot read the recipe ({getattr(exc, 'strerror', None) or exc.reason})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise PixartError(f"{path}: invalid YAML{where} ({getattr(exc, 'problem', None) or exc})") from None
+        problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
+        raise PixartError(f"{path}: invalid YAML{where} ({problem})") from None
     if not isinstance(raw, dict):
         raise PixartError(f"{path}: a recipe must be a mapping of sections")
     try:

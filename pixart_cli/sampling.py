@@ -38,7 +38,7 @@ from torch import nn
 from pixart_cli.components import Autoencoder, _offline_hint, load_autoencoder, resolve_builtin
 from pixart_cli.convert import PIXART_SCHEDULER_CONFIG
 from pixart_cli.errors import PixartError
-from pixart_cli.io import atomic_file
+from pixart_cli.io import atomic_file, png_is_complete, remove_stale_temporaries
 from pixart_cli.models import PixArtConfig
 from pixart_cli.text import Captions, TextEncoder
 
@@ -392,6 +392,8 @@ def make_jobs(prompts: Sequence[str], num_images_per_prompt: int, seed: int) -> 
         raise PixartError("no prompts given")
     if num_images_per_prompt <= 0:
         raise PixartError(f"number of images per prompt must be positive, got {num_images_per_prompt}")
+    if not -(2**63) <= seed <= 2**64 - num_images_per_prompt:  # what torch.Generator.manual_seed accepts
+        raise PixartError(f"--seed must be in [-2^63, 2^64 - {num_images_per_prompt}], got {seed}")
     return [Job(i, p, seed + j) for i, p in enumerate(prompts) for j in range(num_images_per_prompt)]
 
 
@@ -675,7 +677,9 @@ class SampleReport:
 
 
 def _png_record(path: Path) -> dict | None:
-    """The settings stored in one of our PNGs; None when the file is not one (or not readable)."""
+    """The settings stored in one of our PNGs; None when the file is not one (or not readable, or cut short)."""
+    if not png_is_complete(path):  # the settings chunk comes before the pixels: a truncated file still has it
+        return None
     try:
         with Image.open(path) as image:
             return json.loads(image.info[PNG_KEY])
@@ -786,6 +790,7 @@ def write_samples(
     if not os.access(out, os.W_OK):
         raise PixartError(f"{out}: output directory is not writable")
 
+    remove_stale_temporaries(out, {image_name(j) for j in todo})  # what a killed run was writing
     manifest = _Manifest(out / MANIFEST)
     report = SampleReport(out, manifest.path, (h, w), skipped=[out / image_name(j) for j in skipped])
     for job in skipped:

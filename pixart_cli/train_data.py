@@ -108,13 +108,18 @@ def batch_source(recipe: Recipe, accelerator: Any) -> LoaderBatches:
         rank=accelerator.process_index,
         num_workers=data.num_workers,
     )
-    return LoaderBatches(
+    batches = LoaderBatches(
         loader,
         seed=recipe.train.seed,
         rank=accelerator.process_index,
         image_encoder=image_encoder,
         text_encoder=text_encoder,
     )
+    if isinstance(dataset, OnTheFlyDataset):  # what the data left out so far; decoding adds to it as it goes
+        batches.faults.missing_captions = source.skipped_captions
+        batches.faults.unreadable.update({str(bad.path): bad.reason for bad in dataset.bad})
+        batches.max_unreadable = int(data.max_bad_fraction * len(source.records))
+    return batches
 
 
 def validation_sampler(recipe: Recipe) -> Callable[[nn.Module, int], None] | None:

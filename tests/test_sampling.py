@@ -443,7 +443,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_cli_bad_input_fails_cleanly(case, models, tmp_path, tiny_vae):
+def test_cli_bad_input_fails_cleanly(case, models, tmp_path, tiny_vae, monkeypatch):
+    if case == "no model":  # an installation without the bundled demo model
+        monkeypatch.setattr("pixart_cli.sampling.default_model", lambda: None)
     args, message = _bad_inputs(models, tmp_path, tiny_vae)[case]
     out = tmp_path / "out"
     result = _sample(*args, "-o", str(out), env={"HF_HUB_OFFLINE": "1"})

@@ -102,6 +102,12 @@ def resolve_device(name: str | None):
         device = torch.device(name)
     except RuntimeError:
         raise PixartError(f"--device {name!r}: not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: tensors there hold no numbers or need a backend
+        raise PixartError(f"--device {name}: not a device pixart runs on (cpu, cuda, cuda:1, mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PixartError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise PixartError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PixartError(f"--device {name}: MPS is not available on this machine")
     return device

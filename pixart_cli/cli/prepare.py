@@ -67,8 +67,12 @@ def prepare(
         bool, typer.Option("--keep-empty-captions", help="Keep images without a caption (empty caption).")
     ] = False,
     max_bad_fraction: Annotated[
-        float, typer.Option("--max-bad-fraction", help="Abort if more than this fraction of images is unreadable.")
-    ] = 0.01,
+        float | None,
+        typer.Option(
+            "--max-bad-fraction",
+            help="Abort if more than this fraction of images is unreadable (default: the recipe's, else 0.01).",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option("--workers", help="Image-decoding processes (0: main process).")] = 2,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache.")] = False,
     overrides: Annotated[
@@ -104,6 +108,8 @@ def prepare(
         resolution, multi_scale, kind = recipe.data.resolution, recipe.data.multi_scale, Kind(recipe.data.kind)
         max_length = getattr(config, "max_length", max_length)
         bucket_multiple = (1 if vae.strip().lower() == "none" else 8) * config.patch_size
+        if max_bad_fraction is None:
+            max_bad_fraction = recipe.data.max_bad_fraction
         data = Path(recipe.data.path)
     elif overrides:
         raise PixartError("--set needs a recipe as the first argument")
@@ -151,7 +157,7 @@ def prepare(
             dtype=dtype.torch if dtype else None,
             storage_dtype={"fp16": "float16", "fp32": "float32"}[storage.value],
             keep_empty_captions=keep_empty_captions,
-            max_bad_fraction=max_bad_fraction,
+            max_bad_fraction=0.01 if max_bad_fraction is None else max_bad_fraction,
             num_workers=workers,
             overwrite=overwrite,
             progress=show,

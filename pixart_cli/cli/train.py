@@ -83,6 +83,9 @@ def train(
     if accelerator.is_main_process:
         console.print(f"done: {result.steps} steps, last loss {result.final_loss:.4f}")
         console.print(f"checkpoint: [bold]{result.checkpoint}[/]  metrics: {result.metrics}")
+        faults = source.faults.summary()
+        if faults:
+            console.print(faults, style="yellow", soft_wrap=True, markup=False)
 
 
 class _Progress:

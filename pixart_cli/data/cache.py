@@ -52,7 +52,7 @@ from pixart_cli.data.sources import Record, Source, SourceKind, read_source
 from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, Resample, load_pixels
 from pixart_cli.encode import ImageEncoder, load_image_encoder
 from pixart_cli.errors import PixartError
-from pixart_cli.io import atomic_directory, atomic_file
+from pixart_cli.io import atomic_directory, atomic_file, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +124,18 @@ def _write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=1))
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
+def _check_output(output: Path) -> None:
+    """Refuse an output that is not ours, before anything is loaded or written."""
     is_cache = (output / INDEX).exists() or (output / PLAN).exists()
     if output.exists() and not output.is_dir():
         raise PixartError(f"{output}: exists and is not a directory")
     if output.is_dir() and not is_cache and any(output.iterdir()):
         raise PixartError(f"{output}: exists and is not a feature cache (choose a new output directory)")
+
+
+def _prepare_output(output: Path, overwrite: bool) -> None:
+    _check_output(output)
+    is_cache = (output / INDEX).exists() or (output / PLAN).exists()
     if overwrite and is_cache:
         shutil.rmtree(output)
     try:
@@ -268,8 +274,10 @@ def prepare(
         if plan.exists() and _read_json(plan).get("records_digest") != _records_digest(source.records):
             logger.warning("%s: the dataset has changed since this cache was made (--overwrite rebuilds it)", output)
         return _report_from_index(output, index, source, time.perf_counter() - start_time)
-    _prepare_output(output, overwrite)
+    _check_output(output)
 
+    # Everything that can fail on the user's input (encoders, buckets) fails before the first write, so that a
+    # failed start leaves no half-made cache behind for the next run to refuse.
     encoder = vae if isinstance(vae, ImageEncoder) else load_image_encoder(str(vae), dtype=dtype, device=device)
     multiple = bucket_multiple or encoder.downsample * 2
     if multiple % encoder.downsample:
@@ -278,6 +286,8 @@ def prepare(
         buckets = Buckets.for_resolution(resolution, multi_scale, multiple)
     except ValueError as exc:
         raise PixartError(f"{exc} (bucket sides must be multiples of the VAE downsampling × patch size 2)") from None
+    text_encoder = _text_encoder(t5, max_length, dtype, device, clean_captions) if captioned else None
+    _prepare_output(output, overwrite)
 
     plan = _load_or_make_plan(output, settings, source, buckets, shard_size, max_pixels)
     records, shards = source.records, plan["shards"]
@@ -293,7 +303,8 @@ def prepare(
 
     # Tally shards finished by an earlier run.
     shard_root = output / SHARDS
-    _remove_stale_temporaries(shard_root)
+    for path in remove_stale_temporaries(shard_root):
+        logger.info("removed a half-written shard left by an interrupted run: %s", path.name)
     done = [s for s in range(len(shards)) if (shard_root / _shard_name(s)).is_dir()]
     bad = list(header_bad)
     items = 0
@@ -313,7 +324,6 @@ def prepare(
 
     report_progress()
     if pending:
-        text_encoder = _text_encoder(t5, max_length, dtype, device, clean_captions) if captioned else None
         size_of = {i: buckets.sizes[shards[s]["bucket"]] for s in pending for i in shards[s]["records"]}
         batches, batch_shard = [], []
         for s in pending:
@@ -362,19 +372,6 @@ def prepare(
     index = _make_index(settings, source, buckets, encoder, shards, output, header_bad)
     _write_json(index_path, index)
     return _report_from_index(output, index, source, time.perf_counter() - start_time, resumed=len(done))
-
-
-def _remove_stale_temporaries(shard_root: Path) -> None:
-    """Delete half-written shards (hidden ``.NAME.tmp-PID-…`` directories) left by a killed run."""
-    for path in shard_root.glob(".*.tmp-*"):
-        try:
-            pid = int(path.name.rsplit(".tmp-", 1)[1].split("-")[0])
-            os.kill(pid, 0)  # raises if no such process: the writer is gone
-        except (ValueError, IndexError, ProcessLookupError):
-            logger.info("removing a half-written shard left by an interrupted run: %s", path.name)
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # a live process of another user: leave it alone
-            pass
 
 
 def _shard_name(s: int) -> str:

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +170,14 @@ class OnTheFlyDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         bucket = self.bucket_of[index]
         height, width = self.buckets.sizes[bucket]
-        tried = index
+        tried, unreadable = index, []
         for _ in range(self.max_replacements + 1):
             record = self.records[tried]
             pixels = load_pixels(record.path, (height, width), resample=self.resample, max_pixels=self.max_pixels)
             if not isinstance(pixels, BadImage):
                 break
             logger.warning("skipping unreadable image %s (%s)", pixels.path, pixels.reason)
+            unreadable.append((str(pixels.path), pixels.reason))
             tried = self._next[tried]
         else:
             raise PixartError(
@@ -187,6 +189,7 @@ class OnTheFlyDataset(torch.utils.data.Dataset):
             "aspect_ratio": torch.tensor([height / width], dtype=torch.float32),
             "index": tried,
             "bucket": bucket,
+            "unreadable": unreadable,  # (path, reason) of the images this item stands in for: counted by the trainer
         }
         if record.label is not None and record.caption is None:
             item["label"] = record.label
@@ -271,6 +274,24 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+@dataclass
+class DataFaults:
+    """What a training run left out of its data: unreadable images (path → reason) and images without a caption."""
+
+    unreadable: dict[str, str] = field(default_factory=dict)
+    missing_captions: int = 0
+
+    def summary(self) -> str | None:
+        """One line for the end of the run (None when nothing was left out)."""
+        parts = []
+        if self.unreadable:
+            path, reason = next(iter(self.unreadable.items()))
+            parts.append(f"{len(self.unreadable)} unreadable image(s) skipped (e.g. {path}: {reason})")
+        if self.missing_captions:
+            parts.append(f"{self.missing_captions} image(s) without a caption skipped")
+        return "data: " + "; ".join(parts) if parts else None
+
+
 class LoaderBatches:
     """A bucketed DataLoader as the trainer's batch source: ``iterate(epoch, start, device)`` yields
     ``(epoch, next_batch, batch)`` forever (epoch after epoch), each batch on ``device`` with ``x0`` added.
@@ -289,11 +310,14 @@ class LoaderBatches:
         rank: int = 0,
         image_encoder: ImageEncoder | None = None,
         text_encoder: Any | None = None,
+        max_unreadable: int | None = None,
     ) -> None:
         if not isinstance(loader.batch_sampler, BucketBatchSampler):
             raise ValueError("LoaderBatches needs a loader from make_loader (a BucketBatchSampler)")
         self.loader, self.seed, self.rank = loader, seed, rank
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        self.faults = DataFaults()  # this process's count (images are decoded in its loader workers)
+        self.max_unreadable = max_unreadable  # more distinct unreadable images than this stop the run
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -310,6 +334,14 @@ class LoaderBatches:
 
     def _prepare(self, batch: dict[str, Any], epoch: int, index: int, device: torch.device) -> dict[str, Any]:
         generator = step_generator(self.seed, self.rank, epoch, index, device=device)
+        for unreadable in batch.pop("unreadable", ()):
+            self.faults.unreadable.update(unreadable)
+        if self.max_unreadable is not None and len(self.faults.unreadable) > self.max_unreadable:
+            path, reason = next(iter(self.faults.unreadable.items()))
+            raise PixartError(
+                f"{len(self.faults.unreadable)} images are unreadable, more than the {self.max_unreadable} allowed "
+                f"(data.max_bad_fraction; e.g. {path}: {reason}); fix the data or raise data.max_bad_fraction"
+            )
         if "pixels" in batch:
             if self.image_encoder is None:
                 raise ValueError("an on-the-fly dataset needs an image_encoder to make x0")

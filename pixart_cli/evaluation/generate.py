@@ -25,7 +25,7 @@ from PIL import Image, PngImagePlugin
 
 from pixart_cli.errors import PixartError
 from pixart_cli.evaluation import Progress, no_progress
-from pixart_cli.io import atomic_file
+from pixart_cli.io import atomic_file, png_is_complete, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +141,13 @@ def save_png(image: Image.Image, path: Path, item: GenItem) -> None:
 
 
 def missing(items: Sequence[GenItem], root: str | os.PathLike) -> list[GenItem]:
-    """The items whose file is not in ``root`` yet."""
+    """The items whose file is not in ``root`` yet (or is a PNG cut short, e.g. by an interrupted copy)."""
     root = Path(root)
-    return [item for item in items if not (root / item.path).is_file()]
+    return [item for item in items if not _complete(root / item.path)]
+
+
+def _complete(path: Path) -> bool:
+    return png_is_complete(path) if path.suffix.lower() == ".png" else path.is_file()
 
 
 def generate_images(
@@ -177,6 +181,8 @@ def generate_images(
         if not os.access(root, os.W_OK):
             raise PixartError(f"{root}: output directory is not writable")
         logger.info("generating %d images (%d already there)", len(todo), len(report.kept))
+        for folder in {(root / item.path).parent for item in todo}:  # what a killed run of this shard was writing
+            remove_stale_temporaries(folder, {Path(item.path).name for item in todo})
         progress("generate", 0, len(todo))
         for item, image in make_images(todo, lambda done: progress("generate", done, len(todo))):
             if item not in wanted:
