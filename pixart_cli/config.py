@@ -9,6 +9,7 @@ so that overrides go through the same validation.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -124,7 +125,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path + ': ' if path else ''}{exc}") from None
+        message = str(exc)
+        if path and re.match(r"^[a-z_]+: ", message):  # "field: problem" → "section.field: problem"
+            raise ConfigError(f"{path}.{message}") from None
+        raise ConfigError(f"{path + ': ' if path else ''}{message}") from None
 
 
 def to_dict(obj: Any) -> Any:

@@ -21,6 +21,18 @@ from pixart_cli.errors import PixartError
 from pixart_cli.models import DIT_VARIANTS, PIXART_VARIANTS, DiTConfig, PixArtConfig
 
 
+def _positive(section: object, *names: str) -> None:
+    for name in names:
+        if not getattr(section, name) > 0:
+            raise ValueError(f"{name}: must be positive, got {getattr(section, name)}")
+
+
+def _non_negative(section: object, *names: str) -> None:
+    for name in names:
+        if not getattr(section, name) >= 0:
+            raise ValueError(f"{name}: must be 0 or more, got {getattr(section, name)}")
+
+
 @dataclass(frozen=True)
 class ModelSection:
     architecture: Literal["PixArt", "DiT"] = "PixArt"
@@ -56,7 +68,7 @@ class DataSection:
         if self.resolution <= 0 or self.resolution % 8:
             raise ValueError(f"resolution: must be a positive multiple of 8, got {self.resolution}")
         if not 0 <= self.max_bad_fraction < 1:
-            raise ValueError("max_bad_fraction: must be in [0, 1)")
+            raise ValueError(f"max_bad_fraction: must be in [0, 1), got {self.max_bad_fraction}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers: must be 0 or more, got {self.num_workers}")
 
@@ -76,8 +88,8 @@ class OptimSection:
         for name in ("lr", "eps", "weight_decay", "grad_clip"):
             if not math.isfinite(getattr(self, name)):  # nan would pass every comparison below
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
-        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
-            raise ValueError("optim: lr and eps must be positive; weight_decay, grad_clip, warmup_steps ≥ 0")
+        _positive(self, "lr", "eps")
+        _non_negative(self, "weight_decay", "grad_clip", "warmup_steps")
         if not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas: both must be in [0, 1), got {list(self.betas)}")
         if self.reference_batch <= 0:
@@ -90,12 +102,6 @@ class TrainSection:
     batch_size: int = 32  # per GPU (per process), per micro-step
     grad_accumulation: int = 1
     mixed_precision: Literal["fp32", "fp16", "bf16"] = "bf16"  # autocast dtype; weights stay fp32
-
-    @property
-    def accelerate_precision(self) -> str:
-        """accelerate's name for it ("no" for fp32: YAML would read a bare no as false)."""
-        return "no" if self.mixed_precision == "fp32" else self.mixed_precision
-
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)); the official recipes (from trained weights) use none
     caption_dropout: float = 0.1  # probability of the null caption (the null class for DiT): CFG training
@@ -104,12 +110,17 @@ class TrainSection:
     tf32: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accumulation <= 0:
-            raise ValueError("train: steps, batch_size and grad_accumulation must be positive")
-        if not 0 <= self.ema_decay < 1 or not 0 <= self.caption_dropout < 1:
-            raise ValueError("train: ema_decay and caption_dropout must be in [0, 1)")
+        _positive(self, "steps", "batch_size", "grad_accumulation")
+        for name in ("ema_decay", "caption_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.seed < 2**64:
             raise ValueError(f"seed: must be in [0, 2^64), got {self.seed}")
+
+    @property
+    def accelerate_precision(self) -> str:
+        """accelerate's name for it ("no" for fp32: YAML would read a bare no as false)."""
+        return "no" if self.mixed_precision == "fp32" else self.mixed_precision
 
 
 @dataclass(frozen=True)
@@ -119,8 +130,7 @@ class OutputSection:
     keep_last: int = 3  # checkpoints kept (older ones are deleted after a newer one is complete)
 
     def __post_init__(self) -> None:
-        if self.save_every <= 0 or self.keep_last <= 0:
-            raise ValueError("output: save_every and keep_last must be positive")
+        _positive(self, "save_every", "keep_last")
 
 
 @dataclass(frozen=True)
@@ -133,8 +143,8 @@ class LogSection:
     tensorboard: bool = True  # when tensorboard is installed
 
     def __post_init__(self) -> None:
-        if self.every <= 0 or self.sample_every < 0:
-            raise ValueError("log: every must be positive and sample_every ≥ 0")
+        _positive(self, "every")
+        _non_negative(self, "sample_every")
         if self.sample_steps <= 0 or not (math.isfinite(self.sample_cfg) and self.sample_cfg >= 0):
             raise ValueError(f"sample_steps must be positive and sample_cfg a number ≥ 0, got {self.sample_cfg}")
 

@@ -275,6 +275,9 @@ def test_recipe_errors_name_the_key(tmp_path):
     one_line_error(runner.invoke(app, ["train", stage2, "--dry-run", "--set", "optim.lrr=1"]), "optim.lrr", "unknown")
     one_line_error(runner.invoke(app, ["train", stage2, "--dry-run", "--set", "train.steps=many"]), "train.steps")
     one_line_error(
+        runner.invoke(app, ["train", stage2, "--dry-run", "--set", "optim.lr=-1"]), "optim.lr: must be positive"
+    )
+    one_line_error(
         runner.invoke(app, ["train", stage2, "--dry-run", "--set", "model.config={depth: x}"]), "model.config.depth"
     )
     bad = tmp_path / "bad.yaml"
