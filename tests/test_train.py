@@ -360,3 +360,12 @@ def test_ema_warmup_forgets_the_initial_weights():
     assert init_share < 1e-3  # without warm-up it would be 0.9999^1000 ≈ 0.90
     assert torch.allclose(ema.params[0], torch.ones(2, 2), atol=0.01)
     assert EMA(model, 0.9999, warmup=False).decay_at(0) == 0.9999
+
+
+def test_compiled_blocks_train_and_save_plain_checkpoints(world, tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *stage2_args(world, run, steps=2),
+                                 "--set", "model.compile=true"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(run / "checkpoints" / "step-0000002")  # strict: no "_orig_mod." keys
+    assert "blocks.0.attn.qkv.weight" in ckpt.state_dict
