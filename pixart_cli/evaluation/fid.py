@@ -446,6 +446,32 @@ def _check_size(size: int) -> None:
         raise PixartError(f"--size must be positive, got {size}")
 
 
+def _fid(
+    real_files: Sequence[Path],
+    real_root: Path,
+    fake_files: Sequence[Path],
+    extractor: FeatureExtractor,
+    *,
+    size: int,
+    cache_dir: str | os.PathLike | None,
+    batch_size: int,
+    workers: int | None,
+    device: torch.device | str,
+    progress: Progress,
+) -> tuple[float, Statistics, Path | None, bool]:
+    """FID of ``fake_files`` against ``real_files`` (real statistics cached): (fid, real statistics, cache file,
+    whether they came from the cache)."""
+    real, cache_file, from_cache = real_statistics(
+        real_files, real_root, extractor, size=size, cache_dir=cache_dir, batch_size=batch_size, workers=workers,
+        device=device, progress=progress,
+    )  # fmt: skip
+    fake = image_features(
+        fake_files, extractor, size=size, batch_size=batch_size, workers=workers, device=device, progress=progress,
+        stage="features:fake",
+    )  # fmt: skip
+    return frechet_distance(real, Statistics.from_features(fake)), real, cache_file, from_cache
+
+
 def coco_fid(
     coco_root: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -507,15 +533,10 @@ def coco_fid(
         if not f.is_file():
             raise PixartError(f"{f}: COCO image not found (is {image_dir} complete?)")
     fake_files = [out / item.path for item in items]
-    real, cache_file, from_cache = real_statistics(
-        real_files, image_dir, extractor, size=size, cache_dir=cache_dir, batch_size=batch_size, workers=workers,
-        device=device, progress=progress,
+    fid, real, cache_file, from_cache = _fid(
+        real_files, image_dir, fake_files, extractor, size=size, cache_dir=cache_dir, batch_size=batch_size,
+        workers=workers, device=device, progress=progress,
     )  # fmt: skip
-    fake = image_features(
-        fake_files, extractor, size=size, batch_size=batch_size, workers=workers, device=device, progress=progress,
-        stage="features:fake",
-    )  # fmt: skip
-    fid = frechet_distance(real, Statistics.from_features(fake))
     clip_score = None
     if clip is not None:
         scores = clip.score_files(fake_files, [c.caption for c in drawn], progress=progress)
@@ -575,15 +596,10 @@ def folder_fid(
     _check_size(size)
     real_root, fake_root = Path(real_dir), Path(fake_dir)
     real_files, fake_files = list_images(real_root), list_images(fake_root)
-    real, cache_file, from_cache = real_statistics(
-        real_files, real_root, extractor, size=size, cache_dir=cache_dir, batch_size=batch_size, workers=workers,
-        device=device, progress=progress,
+    fid, real, cache_file, from_cache = _fid(
+        real_files, real_root, fake_files, extractor, size=size, cache_dir=cache_dir, batch_size=batch_size,
+        workers=workers, device=device, progress=progress,
     )  # fmt: skip
-    fake = image_features(
-        fake_files, extractor, size=size, batch_size=batch_size, workers=workers, device=device, progress=progress,
-        stage="features:fake",
-    )  # fmt: skip
-    fid = frechet_distance(real, Statistics.from_features(fake))
     settings = {
         "benchmark": "folders",
         "real": str(real_root),
