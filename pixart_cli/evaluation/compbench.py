@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -348,6 +349,15 @@ def _open_rgb(path: Path) -> Image.Image:
         raise PixartError(f"{path}: cannot read the image ({type(exc).__name__})") from None
 
 
+def _load_model_and_processor(directory, flag: str, what: str, model_cls, processor_cls) -> tuple[Path, Any, Any]:
+    """A transformers model and its processor from one local directory, with one-line errors."""
+    path = _local_dir(directory, flag, what)
+    try:
+        return path, model_cls.from_pretrained(str(path)), processor_cls.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_failure(path, exc) from None
+
+
 def _local_dir(directory: str | os.PathLike, flag: str, what: str) -> Path:
     path = Path(directory).expanduser()
     if not (path / "config.json").is_file():
@@ -374,12 +384,7 @@ class ClipScorer:
     def from_pretrained(cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu") -> ClipScorer:
         from transformers import CLIPModel, CLIPProcessor
 
-        path = _local_dir(directory, "--clip", "CLIP model")
-        try:
-            model = CLIPModel.from_pretrained(str(path))
-            processor = CLIPProcessor.from_pretrained(str(path))
-        except (OSError, ValueError, KeyError) as exc:
-            raise _load_failure(path, exc) from None
+        path, model, processor = _load_model_and_processor(directory, "--clip", "CLIP model", CLIPModel, CLIPProcessor)
         return cls(model, processor, device=device, source=str(path))
 
     @torch.inference_mode()
@@ -439,12 +444,9 @@ class BlipVqaScorer:
     def from_pretrained(cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu") -> BlipVqaScorer:
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
-        path = _local_dir(directory, "--blip", "BLIP VQA model")
-        try:
-            model = BlipForQuestionAnswering.from_pretrained(str(path))
-            processor = BlipProcessor.from_pretrained(str(path))
-        except (OSError, ValueError, KeyError) as exc:
-            raise _load_failure(path, exc) from None
+        path, model, processor = _load_model_and_processor(
+            directory, "--blip", "BLIP VQA model", BlipForQuestionAnswering, BlipProcessor
+        )
         return cls(model, processor, device=device, source=str(path))
 
     def _lengths(self, questions: Sequence[str]) -> list[int]:

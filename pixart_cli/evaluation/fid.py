@@ -446,6 +446,18 @@ def _check_size(size: int) -> None:
         raise PixartError(f"--size must be positive, got {size}")
 
 
+def _feature_settings(extractor: FeatureExtractor, cache_file: Path | None, from_cache: bool) -> dict:
+    """The report entries that say how features were computed (same for the COCO and two-folder runs)."""
+    return {
+        "preprocess": "centre crop to square, Lanczos resize to size (PIL), then clean-fid clean mode (299 bicubic)",
+        "mode": MODE,
+        "feature_extractor": extractor.name,
+        "feature_extractor_source": extractor.source,
+        "real_statistics_cache": str(cache_file) if cache_file else None,
+        "real_statistics_from_cache": from_cache,
+    }
+
+
 def _fid(
     real_files: Sequence[Path],
     real_root: Path,
@@ -551,12 +563,7 @@ def coco_fid(
         "caption_draw": "one caption per distinct image; numpy default_rng(seed) permutation of captioned image ids",
         "real_set": real_set,
         "size": size,
-        "preprocess": "centre crop to square, Lanczos resize to size (PIL), then clean-fid clean mode (299 bicubic)",
-        "mode": MODE,
-        "feature_extractor": extractor.name,
-        "feature_extractor_source": extractor.source,
-        "real_statistics_cache": str(cache_file) if cache_file else None,
-        "real_statistics_from_cache": from_cache,
+        **_feature_settings(extractor, cache_file, from_cache),
         "clip_model": clip.source if clip is not None else None,
         "generation": generation,
         "processes": shard.count,
@@ -605,12 +612,7 @@ def folder_fid(
         "real": str(real_root),
         "fake": str(fake_root),
         "size": size,
-        "preprocess": "centre crop to square, Lanczos resize to size (PIL), then clean-fid clean mode (299 bicubic)",
-        "mode": MODE,
-        "feature_extractor": extractor.name,
-        "feature_extractor_source": extractor.source,
-        "real_statistics_cache": str(cache_file) if cache_file else None,
-        "real_statistics_from_cache": from_cache,
+        **_feature_settings(extractor, cache_file, from_cache),
         "versions": _versions(),
     }
     path = None
