@@ -41,6 +41,18 @@ PRESETS = {
             8,
         ),
     ],
+    # The ShapesWorld CPU recipe's model: 32×32 pixels, patch 4 (64 tokens), 6 blocks of width 240.
+    "shapes": [
+        (
+            "shapes 64 tok",
+            PixArtConfig(
+                depth=6, hidden_size=240, num_heads=4, patch_size=4, input_size=32, in_channels=3,
+                caption_channels=64, max_length=64,
+            ),  # fmt: skip
+            32,
+            64,
+        ),
+    ],
     "xl": [
         ("XL/2 256px", pixart_config("PixArt-XL/2", input_size=32), 32, 64),
         ("XL/2 512px", pixart_config("PixArt-XL/2", input_size=64), 64, 16),
@@ -151,12 +163,15 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile per block")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both models")
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    parser.add_argument(
+        "--autocast", choices=["auto", "none", "bf16"], default="auto", help="auto: bf16 on CUDA, none on CPU"
+    )
     args = parser.parse_args()
     from diffusers import PixArtTransformer2DModel  # after pixart_cli: its torchvision fix must come first
 
     preset = "xl" if args.preset == "cuda" else args.preset
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    autocast = {"none": None, "bf16": torch.bfloat16}.get(args.autocast, torch.bfloat16 if device.type == "cuda" else None)
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_peak(device, torch.bfloat16) if device.type == "cuda" else None
     print(

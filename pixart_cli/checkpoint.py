@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import pixart_cli
+from pixart_cli.components import resolve_builtin
 from pixart_cli.config import ConfigError, from_dict, to_dict
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_directory
@@ -251,6 +252,8 @@ def checkpoint_dirs(output: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_in_run(path: str | Path) -> Path:
-    """A training run's output directory stands for its latest checkpoint; any other path for itself."""
+    """A training run's output directory stands for its latest checkpoint, ``builtin:NAME`` for the shipped asset,
+    any other path for itself."""
+    path = resolve_builtin(str(path))
     found = checkpoint_dirs(path) if (Path(path) / CHECKPOINTS).is_dir() else []
     return found[-1][1] if found else Path(path)

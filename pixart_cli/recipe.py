@@ -193,8 +193,8 @@ class Recipe:
         """The variant with `model.config` overrides applied and validated (multi_scale follows the data)."""
         base = (PIXART_VARIANTS if self.model.architecture == "PixArt" else DIT_VARIANTS)[self.model.variant]
         merged = {**to_dict(base), **self.model.config}
-        if isinstance(base, PixArtConfig):
-            merged.setdefault("multi_scale", self.data.multi_scale)
+        if isinstance(base, PixArtConfig) and "multi_scale" not in self.model.config:
+            merged["multi_scale"] = self.data.multi_scale  # the variants' default (False) must not win
         return from_dict(type(base), merged, "model.config")
 
     def global_batch(self, world_size: int | None = None) -> int:

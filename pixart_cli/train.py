@@ -46,8 +46,10 @@ from pixart_cli.checkpoint import (
     build_model,
     checkpoint_dirs,
     expected_shapes,
+    is_checkpoint_dir,
     latest_in_run,
     load_checkpoint,
+    read_config,
     write_checkpoint_files,
 )
 from pixart_cli.data.loader import step_generator
@@ -157,11 +159,23 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> tuple[d
                 f"model.init: {init} has {source_config.num_classes} classes, the recipe {config.num_classes}"
             )
         return weights, [], f"DiT weights from {init}"
-    from pixart_cli.convert import read_any
+    from pixart_cli.convert import detect_format, read_any
 
-    checkpoint = read_any(init, num_heads=config.num_heads, max_length=config.max_length)
-    use_ema = recipe.model.init_weights == "ema" and checkpoint.ema_state_dict is not None
-    weights = checkpoint.ema_state_dict if use_ema else checkpoint.state_dict
+    if detect_format(init) == "dit" or _is_dit_directory(init):
+        # Stage 2 straight from a stage-1 DiT: what `pixart init-from-dit` would write, done here.
+        from pixart_cli.init_from_dit import read_dit, reparameterise
+
+        dit, dit_config = read_dit(init, num_heads=config.num_heads)
+        weights, _ = reparameterise(
+            dit, dit_config, caption_channels=config.caption_channels, max_length=config.max_length,
+            seed=recipe.train.seed,
+        )  # fmt: skip
+        use_ema, source = False, f"DiT weights from {init}, re-parameterised as by `pixart init-from-dit`"
+    else:
+        checkpoint = read_any(init, num_heads=config.num_heads, max_length=config.max_length)
+        use_ema = recipe.model.init_weights == "ema" and checkpoint.ema_state_dict is not None
+        weights = checkpoint.ema_state_dict if use_ema else checkpoint.state_dict
+        source = f"{'EMA' if use_ema else 'model'} weights from {init}"
     expected = expected_shapes(config)
     fresh = [k for k in expected if k not in weights]
     not_allowed = [k for k in fresh if not (config.multi_scale and k.startswith(NEW_IN_MULTI_SCALE))]
@@ -174,7 +188,11 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> tuple[d
             if keys
         )
         raise PixartError(f"model.init: {init} does not fit the recipe's model ({detail})")
-    return weights, fresh, f"{'EMA' if use_ema else 'model'} weights from {init}"
+    return weights, fresh, source
+
+
+def _is_dit_directory(path: str) -> bool:
+    return is_checkpoint_dir(path) and read_config(path)[0].__class__ is DiTConfig
 
 
 def build_training_model(recipe: Recipe) -> tuple[nn.Module, str]:

@@ -240,6 +240,18 @@ def test_write_dataset_is_deterministic(tmp_path, fmt):
         write_dataset(first, 1, fmt=fmt)
 
 
+def test_multi_aspect_dataset_draws_a_size_per_scene(tmp_path):
+    sizes = [[64, 64], [80, 48], [48, 80]]  # as YAML gives them
+    out = write_dataset(tmp_path / "ds", 24, resolution=sizes, seed=0, fmt="jsonl")
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    seen = {(r["width"], r["height"]) for r in records}
+    assert seen == {(64, 64), (80, 48), (48, 80)}
+    for record in records:
+        assert Image.open(out / record["path"]).size == (record["width"], record["height"])
+    with pytest.raises(ValueError, match="empty list"):
+        write_dataset(tmp_path / "none", 1, resolution=[])
+
+
 def test_folder_format(tmp_path):
     out = write_dataset(tmp_path / "ds", 5, resolution=32, seed=0, caption_style="sparse")
     images = sorted(out.glob("*.png"))

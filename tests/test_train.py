@@ -260,6 +260,33 @@ def test_stage_chain_runs_at_tiny_size(world, tmp_path):
     assert final.config.multi_scale and "csize_embedder.mlp.0.weight" in final.state_dict
 
 
+def test_shapes_recipes_chain_on_a_fresh_machine(tmp_path):
+    """recipes/shapes: stage 1 DiT → stage 2 straight from the DiT run (re-parameterised on the fly) → stage 3
+    multi-aspect, each generating its scenes on first use; only sizes are shrunk."""
+
+    def train(stage: str, model: str, *extra: str) -> None:
+        args = ["train", str(ROOT / "recipes" / "shapes" / f"stage{stage}.yaml")]
+        for item in (
+            f"model.config={model}", "data.shapes.n=48", "data.cache=null", "train.batch_size=8", "train.steps=3",
+            "train.mixed_precision=fp32", "optim.warmup_steps=0", "log.every=1",
+            f"data.path={tmp_path / f'data{stage}'}" + ("" if stage == "1" else "/manifest.jsonl"),
+            f"output.dir={tmp_path / f's{stage}'}", *extra,
+        ):  # fmt: skip
+            args += ["--set", item]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+
+    dims = "depth: 2, hidden_size: 48, num_heads: 2, patch_size: 4, in_channels: 3"
+    train("1", f"{{{dims}, input_size: 32, num_classes: 48}}")
+    pixart = f"{dims}, caption_channels: 64, max_length: 64"
+    train("2", f"{{{pixart}, input_size: 32}}", f"model.init={tmp_path / 's1'}")
+    train("3", f"{{{pixart}, input_size: 64, interpolation_scale: 2.0}}", f"model.init={tmp_path / 's2'}")
+    final = load_checkpoint(tmp_path / "s3" / "checkpoints" / "step-0000003")
+    assert final.config.multi_scale and final.config.input_size == 64
+    sizes = {(r["width"], r["height"]) for r in map(json.loads, (tmp_path / "data3" / "manifest.jsonl").open())}
+    assert len(sizes) > 1
+
+
 # -- bad input ----------------------------------------------------------------------------------------------------
 
 

@@ -371,6 +371,15 @@ def _resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def _sizes(resolution: int | tuple[int, int] | Sequence) -> list[tuple[int, int]]:
+    """One size, or a list of sizes ([[64, 64], [80, 48]] from YAML): [(width, height), ...]."""
+    if isinstance(resolution, int) or (len(resolution) == 2 and all(isinstance(v, int) for v in resolution)):
+        return [_resolution(resolution)]
+    if not resolution:
+        raise ValueError("resolution: an empty list of sizes")
+    return [_resolution(tuple(size)) for size in resolution]
+
+
 def shape_coverage(
     shape: str, centre: tuple[float, float], extent: float, width: int, height: int, *, antialias: bool = True
 ) -> np.ndarray:
@@ -610,7 +619,7 @@ def _write_items(
     directory: Path,
     image_dir: Path,
     seed: int,
-    size: tuple[int, int],
+    sizes: list[tuple[int, int]],
     split: Split,
     antialias: bool,
     caption_style: CaptionStyle,
@@ -618,10 +627,10 @@ def _write_items(
     digits: int,
 ) -> list[str]:
     """Write scenes ``items`` (each seeded by (seed, i)); return their manifest lines (jsonl format)."""
-    width, height = size
     manifest = []
     for i in items:
         rng = np.random.default_rng([seed, i])
+        width, height = sizes[int(rng.integers(len(sizes)))] if len(sizes) > 1 else sizes[0]
         scene = sample_scene(rng, aspect=width / height, split=split)
         image = render(scene, (width, height), antialias=antialias)
         name = f"{i:0{digits}d}.png"
@@ -644,7 +653,7 @@ def write_dataset(
     directory: str | Path,
     n: int,
     *,
-    resolution: int | tuple[int, int] = 32,
+    resolution: int | tuple[int, int] | Sequence[tuple[int, int]] = 32,
     seed: int = 0,
     caption_style: CaptionStyle = "dense",
     fmt: DatasetFormat = "folder",
@@ -664,6 +673,9 @@ def write_dataset(
       ``classes.txt`` listing all 48 class folders in label order. With ``split="train"`` the 6 held-out classes
       have no folder, so take the label from the folder's number, not from its rank among the folders.
 
+    ``resolution`` is a side, a (width, height), or a list of (width, height) sizes: then each scene draws its
+    size (hence its aspect ratio) uniformly from the list, for multi-aspect training.
+
     Item ``i`` is drawn from ``numpy.random.default_rng([seed, i])``: the same seed writes byte-identical files and
     a smaller ``n`` writes a prefix of a larger one, whatever the number of ``workers`` (processes).
     ``progress(done, n)`` is called as items are done.
@@ -674,7 +686,7 @@ def write_dataset(
         raise ValueError(f"fmt must be 'folder', 'jsonl' or 'imagefolder', got {fmt!r}")
     if caption_style not in ("dense", "sparse", "mixed"):
         raise ValueError(f"caption_style must be 'dense', 'sparse' or 'mixed', got {caption_style!r}")
-    width, height = _resolution(resolution)
+    sizes = _sizes(resolution)
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise PixartError(f"{directory}: already exists and is not an empty directory")
@@ -685,7 +697,7 @@ def write_dataset(
 
     digits = max(6, len(str(max(n - 1, 0))))
     job = functools.partial(
-        _write_items, directory=directory, image_dir=image_dir, seed=seed, size=(width, height), split=split,
+        _write_items, directory=directory, image_dir=image_dir, seed=seed, sizes=sizes, split=split,
         antialias=antialias, caption_style=caption_style, fmt=fmt, digits=digits,
     )  # fmt: skip
     chunk = 1 if workers <= 1 else max(1, min(1000, -(-n // workers)))  # serial: progress after every item
