@@ -46,9 +46,15 @@ PRESETS = {
         (
             "shapes 64 tok",
             PixArtConfig(
-                depth=6, hidden_size=240, num_heads=4, patch_size=4, input_size=32, in_channels=3,
-                caption_channels=64, max_length=64,
-            ),  # fmt: skip
+                depth=6,
+                hidden_size=240,
+                num_heads=4,
+                patch_size=4,
+                input_size=32,
+                in_channels=3,
+                caption_channels=64,
+                max_length=64,
+            ),
             32,
             64,
         ),
@@ -171,7 +177,8 @@ def main() -> None:
 
     preset = "xl" if args.preset == "cuda" else args.preset
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = {"none": None, "bf16": torch.bfloat16}.get(args.autocast, torch.bfloat16 if device.type == "cuda" else None)
+    default = torch.bfloat16 if device.type == "cuda" else None
+    autocast = {"none": None, "bf16": torch.bfloat16}.get(args.autocast, default)
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_peak(device, torch.bfloat16) if device.type == "cuda" else None
     print(

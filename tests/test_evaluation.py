@@ -834,6 +834,8 @@ def test_shapes_benchmark_scores_a_perfect_generator_as_perfect(tmp_path):
     assert (tmp_path / "shapes" / "samples" / f"{prompts[0].text}_000001.png").is_file()
     saved = json.loads((tmp_path / "compbench_report.json").read_text())
     assert saved["benchmark"] == "shapes" and saved["categories"]["complex"]["binding"] == 1.0
+    acceptance = (saved["categories"]["color"], saved["categories"]["shape"], saved["categories"]["spatial"])
+    assert [a["one_object"] for a in acceptance[:2]] == [1.0, 1.0] and acceptance[2]["both_objects"] == 1.0
 
     def blank(items, progress):
         for item in items:
@@ -843,6 +845,7 @@ def test_shapes_benchmark_scores_a_perfect_generator_as_perfect(tmp_path):
         tmp_path / "blank", blank, generation={"model": "blank"}, num_prompts=6, images_per_prompt=1, seed=3
     )
     assert all(r.mean == 0.0 for r in worst.categories.values())
+    assert worst.categories["color"].extra["one_object"] == worst.categories["spatial"].extra["both_objects"] == 0.0
 
 
 def test_cli_eval_compbench_shapes_with_a_tiny_pixart(tmp_path, tiny_t5, tiny_vae):

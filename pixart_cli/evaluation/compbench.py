@@ -924,7 +924,9 @@ def evaluate_shapes(
     """The ShapesWorld benchmark: held-out prompts, T2I-CompBench's layout (category ``shapes``), exact scoring.
 
     Reports color, shape, spatial and complex (``shapes_detect``'s checks; spatial and complex over the prompts
-    they apply to) plus the other checks (presence, count, binding, size) as extras of ``complex``.
+    they apply to) plus the other checks (presence, count, binding, size) as extras of ``complex``, and the
+    acceptance view: ``one_object`` colour and shape (one-object prompts), ``both_objects`` (binding on the
+    two-object prompts) beside spatial.
     """
     from pixart_cli.data.shapes import heldout_prompts
     from pixart_cli.data.shapes_detect import CHECKS, score_images
@@ -958,6 +960,16 @@ def evaluate_shapes(
             len({items[k].prompt for k in applies}),
         )
     results["complex"].extra = {c: report.categories[c] for c in CHECKS if c not in SHAPES_CATEGORIES}
+    # The acceptance view (docs/shapes.md): attributes on one-object prompts, both objects on two-object ones.
+    counts = [len(spec.objects) for spec in specs]
+    for category, check, n, name in (
+        ("color", "color", 1, "one_object"),
+        ("shape", "shape", 1, "one_object"),
+        ("spatial", "binding", 2, "both_objects"),
+    ):
+        picked = [checks[check] for checks, k in zip(report.per_prompt, counts, strict=True) if k == n]
+        if picked:
+            results[category].extra[name] = sum(map(bool, picked)) / len(picked)
     settings = {
         "benchmark": "shapes",
         "num_prompts": num_prompts,

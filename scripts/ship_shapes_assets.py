@@ -1,0 +1,54 @@
+"""Copy trained ShapesWorld weights into the package's assets: EMA weights only, in fp16 (half the bytes).
+
+    python scripts/ship_shapes_assets.py dit outputs/shapes-stage1 --note "1000 steps on 2 CPU cores"
+    python scripts/ship_shapes_assets.py demo outputs/shapes-experiments/dit-dense-seed0 --note "..."
+
+``dit`` writes ``pixart_cli/assets/shapes-dit`` (the stage-1 class-conditional DiT, DiT's own key layout in
+safetensors), ``demo`` writes ``pixart_cli/assets/shapes-demo`` (the default model of ``pixart sample``). A run
+directory stands for its latest checkpoint. The assets of the repository must stay within 30 MB in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from pixart_cli.checkpoint import Checkpoint, latest_in_run, load_checkpoint, save_checkpoint
+from pixart_cli.components import ASSETS
+from pixart_cli.models import DiTConfig, PixArtConfig
+
+BUDGET_MB = 30.0
+
+
+def ship(kind: str, run: str, note: str) -> Path:
+    source = latest_in_run(run)
+    checkpoint = load_checkpoint(source)
+    expected = DiTConfig if kind == "dit" else PixArtConfig
+    if not isinstance(checkpoint.config, expected):
+        raise SystemExit(f"{source}: a {type(checkpoint.config).__name__} checkpoint, expected {expected.__name__}")
+    weights = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in checkpoint.weights(True).items()}
+    meta = dataclasses.replace(checkpoint.meta, source=f"{checkpoint.meta.source}; EMA weights in fp16; {note}")
+    target = save_checkpoint(
+        Checkpoint(checkpoint.config, weights, None, meta), ASSETS / f"shapes-{kind}", overwrite=True
+    )
+    total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file()) / 2**20
+    print(f"{source} → {target}; assets now {total:.1f} MB (budget {BUDGET_MB:.0f} MB)")
+    if total > BUDGET_MB:
+        raise SystemExit(f"the assets are over budget: {total:.1f} MB")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=["dit", "demo"])
+    parser.add_argument("run", help="a training run directory or checkpoint directory")
+    parser.add_argument("--note", default="", help="how it was trained (kept in config.yaml)")
+    args = parser.parse_args()
+    ship(args.kind, args.run, args.note)
+
+
+if __name__ == "__main__":
+    main()
