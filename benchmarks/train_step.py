@@ -161,6 +161,32 @@ def measure(steps: dict, device, warmup: int, iters: int) -> dict[str, tuple[flo
     return {name: (statistics.median(times[name]), peaks[name]) for name in steps}
 
 
+def profile_shares(step, steps: int = 3) -> dict[str, float]:
+    """Share of the step's self CPU time per operator (torch.profiler), over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return {e.key: e.self_cpu_time_total / total for e in events}
+
+
+def print_profiles(steps: dict, top: int = 12) -> None:
+    """Where the time goes, per implementation: the explanation of a ratio near 1 on the CPU."""
+    shares = {name: profile_shares(step) for name, step in steps.items()}
+    keys = sorted({k for s in shares.values() for k in s}, key=lambda k: -max(s.get(k, 0) for s in shares.values()))
+    print(f"{'operator (self CPU time share)':<40}" + "".join(f"{name:>11}" for name in shares))
+    for key in keys[:top]:
+        print(f"{key[:40]:<40}" + "".join(f"{s.get(key, 0.0):>11.1%}" for s in shares.values()))
+    matmul = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
+    for name, share in shares.items():
+        gemm = sum(v for k, v in share.items() if k in matmul)
+        print(f"{name}: matrix multiplications {gemm:.1%} of the step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -169,6 +195,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile per block")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both models")
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    parser.add_argument("--profile", action="store_true", help="also print where the step's CPU time goes")
     parser.add_argument(
         "--autocast", choices=["auto", "none", "bf16"], default="auto", help="auto: bf16 on CUDA, none on CPU"
     )
@@ -223,6 +250,8 @@ def main() -> None:
             if peak:
                 line += f"  {flops_per_image(config, tokens, config.max_length) * batch / seconds / peak:5.1%}"
             print(line, flush=True)
+        if args.profile:
+            print_profiles(steps)
         del ours, theirs, steps
         runs.clear()
 

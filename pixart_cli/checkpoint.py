@@ -206,8 +206,8 @@ def read_weights(path: Path) -> StateDict:
 
 
 def load_checkpoint(directory: str | Path) -> Checkpoint:
-    """Read and strictly validate a checkpoint directory (weights stay on the CPU)."""
-    directory = Path(directory)
+    """Read and strictly validate a checkpoint directory or ``builtin:NAME`` (weights stay on the CPU)."""
+    directory = Path(resolve_builtin(str(directory)))
     if not directory.is_dir():
         raise PixartError(f"{directory}: no such checkpoint directory")
     if not is_checkpoint_dir(directory):

@@ -35,6 +35,34 @@ def test_the_shipped_t5_is_what_build_shapes_t5_makes(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_assets_fit_their_budget():
+    total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
+    assert total <= 30 * 2**20, f"{total / 2**20:.1f} MB of shipped assets, over the 30 MB budget"
+
+
+def test_the_shipped_dit_starts_stage_2(tmp_path):
+    """builtin:shapes-dit is a class-conditional DiT in DiT's key layout; init-from-dit makes a PixArt of it that
+    computes what the DiT computes (with the null class) at t = 500, here checked on one input."""
+    from pixart_cli.checkpoint import instantiate, load_checkpoint
+    from pixart_cli.models import DiTConfig
+
+    dit = load_checkpoint("builtin:shapes-dit")
+    assert isinstance(dit.config, DiTConfig) and dit.config.num_classes == 48
+    assert {"y_embedder.embedding_table.weight", "blocks.0.adaLN_modulation.1.weight"} <= dit.state_dict.keys()
+    args = ["init-from-dit", "builtin:shapes-dit", "-o", str(tmp_path / "pixart"), "--caption-channels", "64"]
+    result = runner.invoke(app, [*args, "--max-length", "64"])
+    assert result.exit_code == 0, result.output
+    pixart = instantiate(load_checkpoint(tmp_path / "pixart"), dtype=torch.float32)
+    dit_model = instantiate(dit, dtype=torch.float32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), 500)
+    caption = torch.randn(2, 64, 64)
+    with torch.no_grad():
+        expected = dit_model(x, t, torch.full((2,), 48))  # the null class
+        got = pixart(x, t, caption, torch.ones(2, 64, dtype=torch.long))
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
+
+
 def test_shipped_model_level_does_not_regress():
     from pixart_cli.data.shapes import heldout_prompts
     from pixart_cli.data.shapes_detect import score_images

@@ -9,7 +9,7 @@ import torch
 from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
 
 from pixart_cli.models import DIT_VARIANTS, PIXART_VARIANTS, DiT, PixArt, PixArtMS, build_pixart, pixart_config
-from pixart_cli.models.layers import sincos_pos_embed_2d, timestep_embedding
+from pixart_cli.models.layers import attention, explicit_attention, sincos_pos_embed_2d, timestep_embedding
 from tests.utils import TINY_DIT, TINY_PIXART, TINY_PIXART_MS, diffusers_dit, randomize
 
 
@@ -66,6 +66,23 @@ def _inputs(config, batch=2, h=8, w=8, seed=0):
     x = torch.randn(batch, config.in_channels, h, w, generator=g)
     caption = torch.randn(batch, config.max_length, config.caption_channels, generator=g)
     return x, torch.tensor([10.0, 700.0][:batch]), caption
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+def test_explicit_attention_matches_sdpa_with_masks_and_gradients(dtype, atol):
+    """The CPU path for short sequences computes what scaled_dot_product_attention does, backward included."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, n, 16, generator=g).to(dtype).requires_grad_() for n in (20, 7, 7))
+    mask = (torch.arange(7)[None] < torch.tensor([[7], [3], [1]]))[:, None, None, :]
+    reference = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = torch.nn.functional.scaled_dot_product_attention(*reference, attn_mask=mask)
+    expected.square().sum().backward()
+    got = explicit_attention(q, k, v, mask)
+    assert got.dtype == dtype and torch.equal(got, attention(q, k, v, mask))  # attention() takes this path here
+    got.float().square().sum().backward()
+    torch.testing.assert_close(got.double(), expected, atol=atol, rtol=0)
+    for ours, theirs in zip((q, k, v), reference, strict=True):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=4 * atol, rtol=0.02)
 
 
 def test_caption_padding_is_ignored():

@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 FREQUENCY_EMBEDDING_SIZE = 256
+# On the CPU, attention written out as two matrix products and a float32 softmax beats SDPA's fused kernels up to
+# this many query × key positions (forward + backward, torch 2.13): at 64 × 64 tokens 1.8× faster than flash
+# attention in fp32 and several times in bf16, as accurate (benchmarks/attention.py, docs/performance.md).
+_CPU_EXPLICIT_ATTENTION_MAX = 128 * 128
 
 
 def check_transformer_shape(config: object, positive: tuple[str, ...]) -> None:
@@ -23,6 +27,25 @@ def check_transformer_shape(config: object, positive: tuple[str, ...]) -> None:
         raise ValueError(f"hidden_size {hidden} must be divisible by 4 (2-D sin-cos embedding)")
     if config.input_size % config.patch_size:
         raise ValueError(f"input_size {config.input_size} is not a multiple of patch_size {config.patch_size}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over (B, heads, tokens, dim) with an optional boolean mask (True = attend): SDPA, except for short
+    sequences on the CPU, where the explicit form is faster."""
+    if q.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= _CPU_EXPLICIT_ATTENTION_MAX:
+        return explicit_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v with scores and softmax in float32: rounding the scores to bf16 would double the error
+    of SDPA's kernels, which accumulate them in float32 too."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -88,7 +111,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 

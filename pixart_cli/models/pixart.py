@@ -21,7 +21,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -31,6 +30,7 @@ from pixart_cli.models.layers import (
     PatchEmbed,
     SelfAttention,
     TimestepEmbedder,
+    attention,
     check_transformer_shape,
     layer_norm,
     modulate,
@@ -164,7 +164,7 @@ class CrossAttention(nn.Module):
         h, d = self.num_heads, c // self.num_heads
         q = self.q_linear(x).view(b, n, h, d).transpose(1, 2)
         k, v = self.kv_linear(y).view(b, y.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
