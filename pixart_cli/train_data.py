@@ -7,6 +7,7 @@ and encodes images on the fly with the same encoders. Both give the same batches
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -30,19 +31,25 @@ def ensure_shapes_dataset(recipe: Recipe) -> None:
     spec = recipe.data.shapes
     if spec is None or recipe.data.path is None:
         return
-    from pixart_cli.data.shapes import write_dataset
+    from pixart_cli.data.shapes import check_dataset_args, write_dataset
 
     path = Path(recipe.data.path)
     target = path.parent if path.suffix == ".jsonl" else path
     if target.exists() and any(target.iterdir()):
         return
-    logger.info("generating ShapesWorld data in %s", target)
     allowed = {"n", "resolution", "seed", "caption_style", "fmt", "split", "workers"}
     unknown = set(spec) - allowed
     if unknown:
         raise PixartError(
             f"data.shapes.{sorted(unknown)[0]}: unknown key (expected one of: {', '.join(sorted(allowed))})"
         )
+    try:  # before the log line and before anything is written: a bad value is one error line
+        arguments = inspect.signature(write_dataset).bind(target, **spec)
+        arguments.apply_defaults()
+        check_dataset_args(*(arguments.arguments[k] for k in ("n", "resolution", "caption_style", "fmt")))
+    except (ValueError, TypeError) as exc:
+        raise PixartError(f"data.shapes: {exc}") from None
+    logger.info("generating ShapesWorld data in %s", target)
     write_dataset(target, **spec)
 
 

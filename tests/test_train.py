@@ -324,6 +324,15 @@ def test_missing_data_and_unwritable_output(world, tmp_path):
     blocker.write_text("")
     result = runner.invoke(app, ["train", stage2, *args, "--set", f"output.dir={blocker / 'run'}"])
     one_line_error(result, "output.dir")
+    shapes = str(ROOT / "recipes" / "shapes" / "stage3.yaml")
+    data = tmp_path / "scenes"
+    result = runner.invoke(
+        app,
+        ["train", shapes, "--set", "data.shapes.resolution=[]", "--set", f"data.path={data / 'manifest.jsonl'}",
+         "--set", f"output.dir={tmp_path / 's3'}", "--set", "model.init=null", "--set", "train.mixed_precision=fp32"],
+    )  # fmt: skip
+    one_line_error(result, "data.shapes: resolution: an empty list of sizes")
+    assert not data.exists()
 
 
 def test_nan_loss_stops_with_the_last_checkpoint_intact(world, tmp_path):

@@ -649,6 +649,19 @@ def _write_items(
     return manifest
 
 
+def check_dataset_args(
+    n: int, resolution: int | tuple[int, int] | Sequence, caption_style: str, fmt: str
+) -> list[tuple[int, int]]:
+    """Validate ``write_dataset``'s arguments (ValueError naming the bad one); return the (width, height) sizes."""
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    if fmt not in ("folder", "jsonl", "imagefolder"):
+        raise ValueError(f"fmt must be 'folder', 'jsonl' or 'imagefolder', got {fmt!r}")
+    if caption_style not in ("dense", "sparse", "mixed"):
+        raise ValueError(f"caption_style must be 'dense', 'sparse' or 'mixed', got {caption_style!r}")
+    return _sizes(resolution)
+
+
 def write_dataset(
     directory: str | Path,
     n: int,
@@ -680,13 +693,7 @@ def write_dataset(
     a smaller ``n`` writes a prefix of a larger one, whatever the number of ``workers`` (processes).
     ``progress(done, n)`` is called as items are done.
     """
-    if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
-    if fmt not in ("folder", "jsonl", "imagefolder"):
-        raise ValueError(f"fmt must be 'folder', 'jsonl' or 'imagefolder', got {fmt!r}")
-    if caption_style not in ("dense", "sparse", "mixed"):
-        raise ValueError(f"caption_style must be 'dense', 'sparse' or 'mixed', got {caption_style!r}")
-    sizes = _sizes(resolution)
+    sizes = check_dataset_args(n, resolution, caption_style, fmt)
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise PixartError(f"{directory}: already exists and is not an empty directory")
