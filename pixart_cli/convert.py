@@ -408,10 +408,12 @@ def read_diffusers(path: str | Path, max_length: int = 120) -> Checkpoint:
     return Checkpoint(config, ours, None, meta)
 
 
-def read_any(path: str | Path, num_heads: int | None = None, max_length: int = 120) -> Checkpoint:
-    """Read a PixArt checkpoint in any supported format (detected from the files)."""
+def read_any(
+    path: str | Path, num_heads: int | None = None, max_length: int = 120, fmt: SourceFormat | None = None
+) -> Checkpoint:
+    """Read a PixArt checkpoint in any supported format (``fmt``, or detected from the files)."""
     path = latest_in_run(path)
-    fmt = detect_format(path)
+    fmt = fmt or detect_format(path)
     if fmt == "pixart":
         ckpt = load_checkpoint(path)
         if not isinstance(ckpt.config, PixArtConfig):

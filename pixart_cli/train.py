@@ -46,7 +46,6 @@ from pixart_cli.checkpoint import (
     build_model,
     checkpoint_dirs,
     expected_shapes,
-    is_checkpoint_dir,
     latest_in_run,
     load_checkpoint,
     read_config,
@@ -161,7 +160,8 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> tuple[d
         return weights, [], f"DiT weights from {init}"
     from pixart_cli.convert import detect_format, read_any
 
-    if detect_format(init) == "dit" or _is_dit_directory(init):
+    fmt = detect_format(init)  # read once: for a .pth file it means loading the whole file
+    if fmt == "dit" or (fmt == "pixart" and isinstance(read_config(init)[0], DiTConfig)):
         # Stage 2 straight from a stage-1 DiT: what `pixart init-from-dit` would write, done here.
         from pixart_cli.init_from_dit import read_dit, reparameterise
 
@@ -172,7 +172,7 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> tuple[d
         )  # fmt: skip
         use_ema, source = False, f"DiT weights from {init}, re-parameterised as by `pixart init-from-dit`"
     else:
-        checkpoint = read_any(init, num_heads=config.num_heads, max_length=config.max_length)
+        checkpoint = read_any(init, num_heads=config.num_heads, max_length=config.max_length, fmt=fmt)
         use_ema = recipe.model.init_weights == "ema" and checkpoint.ema_state_dict is not None
         weights = checkpoint.ema_state_dict if use_ema else checkpoint.state_dict
         source = f"{'EMA' if use_ema else 'model'} weights from {init}"
@@ -189,10 +189,6 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> tuple[d
         )
         raise PixartError(f"model.init: {init} does not fit the recipe's model ({detail})")
     return weights, fresh, source
-
-
-def _is_dit_directory(path: str) -> bool:
-    return is_checkpoint_dir(path) and read_config(path)[0].__class__ is DiTConfig
 
 
 def build_training_model(recipe: Recipe) -> tuple[nn.Module, str]:
