@@ -21,9 +21,13 @@ import torch
 
 from pixart_cli.convert import read_any, write_diffusers
 from pixart_cli.models import PixArtConfig
+from pixart_cli.recipe import load_recipe
 from pixart_cli.sampling import Pipeline, make_scheduler, seeded_noise
 from pixart_cli.tiny import make_tiny_pixart, make_tiny_t5, make_tiny_vae
 
+# The model of the ShapesWorld CPU recipes, from the recipe itself.
+SHAPES_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "shapes" / "stage2.yaml"
+SHAPES_MODEL = load_recipe(SHAPES_RECIPE)[0].model_config()
 PROMPTS = ["a red circle to the left of a blue square", "a photo of a cat on a sofa"]
 PRESETS = {
     # name: (config, image side in pixels, uses a VAE)
@@ -33,16 +37,7 @@ PRESETS = {
         True,
     ),
     "shapes": (
-        PixArtConfig(
-            depth=6,
-            hidden_size=240,
-            num_heads=4,
-            patch_size=4,
-            input_size=32,
-            in_channels=3,
-            caption_channels=64,
-            max_length=64,
-        ),
+        SHAPES_MODEL,
         32,
         False,
     ),

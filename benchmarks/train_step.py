@@ -16,12 +16,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from pixart_cli.convert import diffusers_transformer_config, ours_to_diffusers
 from pixart_cli.models import PixArtConfig, build_pixart, pixart_config
+from pixart_cli.recipe import load_recipe
 
+# The model of the ShapesWorld CPU recipes, from the recipe itself.
+SHAPES_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "shapes" / "stage2.yaml"
+SHAPES_MODEL = load_recipe(SHAPES_RECIPE)[0].model_config()
 PRESETS = {
     "cpu": [
         (
@@ -45,16 +50,7 @@ PRESETS = {
     "shapes": [
         (
             "shapes 64 tok",
-            PixArtConfig(
-                depth=6,
-                hidden_size=240,
-                num_heads=4,
-                patch_size=4,
-                input_size=32,
-                in_channels=3,
-                caption_channels=64,
-                max_length=64,
-            ),
+            SHAPES_MODEL,
             32,
             64,
         ),

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from pixart_cli.recipe import load_recipe
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "shapes" / "stage2.yaml"
 
@@ -75,6 +77,7 @@ def scores(report: Path) -> dict[str, float]:
 
 def run_arm(arm: str, seed: int, args: argparse.Namespace, done: set[tuple], results: Path) -> None:
     out = args.out / f"{arm}-seed{seed}"
+    batch = load_recipe(RECIPE)[0].train.batch_size
     overrides = [
         *ARMS[arm], f"train.seed={seed}", f"train.steps={args.steps}", f"output.dir={out}",
         f"output.save_every={args.eval_every}", "output.keep_last=1000", "log.every=25",
@@ -95,7 +98,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, done: set[tuple], res
             "arm": arm,
             "seed": seed,
             "step": step,
-            "images": step * 64,
+            "images": step * batch,
             "train_minutes": round(training_seconds(out / "metrics.jsonl", step) / 60, 2),
             "prompts": args.limit,
             **scores(evaluation / "compbench_report.json"),
@@ -124,16 +127,7 @@ def adaln_parameters() -> str:
 
     lines = ["| model | adaLN-single | per-block adaLN | whole model, single | whole model, per-block | saved |"]
     lines.append("|---|---|---|---|---|---|")
-    shapes = pixart_config(
-        "PixArt-S/4",
-        depth=6,
-        hidden_size=240,
-        num_heads=4,
-        input_size=32,
-        in_channels=3,
-        caption_channels=64,
-        max_length=64,
-    )
+    shapes = load_recipe(RECIPE)[0].model_config()
     for name, config in (("shapes (6 × 240)", shapes), ("XL/2", pixart_config("PixArt-XL/2"))):
         with torch.device("meta"):
             model = build_pixart(config)
