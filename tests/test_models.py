@@ -78,7 +78,9 @@ def test_explicit_attention_matches_sdpa_with_masks_and_gradients(dtype, atol):
     expected = torch.nn.functional.scaled_dot_product_attention(*reference, attn_mask=mask)
     expected.square().sum().backward()
     got = explicit_attention(q, k, v, mask)
-    assert got.dtype == dtype and torch.equal(got, attention(q, k, v, mask))  # attention() takes this path here
+    assert got.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, attention(q, k, v, mask))  # attention() takes this path for short bf16 sequences
     got.float().square().sum().backward()
     torch.testing.assert_close(got.double(), expected, atol=atol, rtol=0)
     for ours, theirs in zip((q, k, v), reference, strict=True):

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 FREQUENCY_EMBEDDING_SIZE = 256
-# On the CPU, attention written out as two matrix products and a float32 softmax beats SDPA's fused kernels up to
-# this many query × key positions (forward + backward, torch 2.13): at 64 × 64 tokens 1.8× faster than flash
-# attention in fp32 and several times in bf16, as accurate (benchmarks/attention.py, docs/performance.md).
+# On the CPU in bf16, attention written out as two matrix products and a float32 softmax beats SDPA's kernels up
+# to this many query × key positions (forward + backward, torch 2.13, 2 threads): 3.3× flash attention at 64 × 64
+# tokens, 2.4× at 256 × 64, as accurate (benchmarks/attention.py). In fp32 it does not pay in a whole training step
+# (0.95–0.96× against SDPA's 0.97–0.99× of diffusers), so fp32 keeps SDPA.
 _CPU_EXPLICIT_ATTENTION_MAX = 128 * 128
 
 
@@ -31,8 +32,12 @@ def check_transformer_shape(config: object, positive: tuple[str, ...]) -> None:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over (B, heads, tokens, dim) with an optional boolean mask (True = attend): SDPA, except for short
-    sequences on the CPU, where the explicit form is faster."""
-    if q.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= _CPU_EXPLICIT_ATTENTION_MAX:
+    bf16 sequences on the CPU, where the explicit form is faster."""
+    if (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and q.shape[-2] * k.shape[-2] <= _CPU_EXPLICIT_ATTENTION_MAX
+    ):
         return explicit_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
