@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 from pixart_cli.checkpoint import checkpoint_dirs, load_checkpoint
 from pixart_cli.cli import app
 from pixart_cli.recipe import load_recipe
+from tests.utils import run_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -133,6 +133,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(world, tmp_p
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port: the default 29500 may be taken by anything else on the host
         "--nproc_per_node=2",
         "-m",
         "pixart_cli",
@@ -140,7 +141,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(world, tmp_p
         recipe,
         *stage2_args(world, tmp_path / "two", steps=6, batch=8),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = run_launcher(cmd, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert len(list((tmp_path / "two" / "checkpoints").iterdir())) == 1  # one checkpoint, written once
     for name in ("model", "ema"):

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -86,3 +93,45 @@ def diffusers_dit(config: DiTConfig, state_dict: dict[str, torch.Tensor]) -> nn.
     for block in model.transformer_blocks:
         block.norm1.emb.time_proj.downscale_freq_shift = 0  # diffusers' DiT divides by half-1; DiT by half
     return model.eval()
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid``'s child processes, grandchildren first (Linux /proc), so a launcher's workers are found too."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found[::-1]
+
+
+def run_launcher(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Run a multi-process launch (torchrun) and, if it hangs, fail with every process's Python stack.
+
+    Faulthandler is on in every process: at the timeout each of them (workers, then the launcher) gets SIGABRT
+    and prints where it was stuck, then all are killed.
+    """
+    env = dict(os.environ if kwargs.get("env") is None else kwargs.pop("env"), PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stuck = [*_descendants(proc.pid), proc.pid]
+        for pid in stuck:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+                time.sleep(0.5)  # one stack at a time in the shared stderr
+        time.sleep(2)
+        for pid in stuck:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[:4]} hung for {timeout} s; the stacks of its processes:\n{out[-3000:]}\n{err[-15000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
