@@ -200,8 +200,9 @@ def classifier_free_guidance(
     branch. ``scale == 1`` (or no ``uncond``) is plain conditional sampling with a single forward.
     """
     if uncond is None or scale == 1.0:
+        cond = cond.trimmed()
         return lambda x, t: model_fn(x, t, cond)
-    both = Captions.cat([uncond, cond])
+    both = Captions.cat([uncond, cond]).trimmed()  # the padding no caption uses costs every step: drop it once
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out_u, out_c = model_fn(torch.cat([x, x]), t, both).chunk(2)

@@ -38,6 +38,23 @@ def minimal_clean(text: str) -> str:
     return text.lower().strip()
 
 
+def trim_padding(embeddings: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing token columns (B, L, …) that no row of ``mask`` (B, L) attends to.
+
+    Attention gives masked keys zero weight, so the model's output is unchanged (up to the order of float
+    additions), while cross-attention and its key/value projections shrink from the padded length (120 for T5
+    in PixArt-α) to the longest real caption of the batch: prompts are usually a fraction of it. A row with no
+    real token is left alone: the model then attends to all of its tokens, so its length matters.
+    """
+    real = mask.bool()
+    if mask.ndim != 2 or not bool(real.any(dim=1).all()):
+        return embeddings, mask
+    length = int(real.any(dim=0).nonzero().max()) + 1
+    if length == mask.shape[1]:
+        return embeddings, mask
+    return embeddings[:, :length], mask[:, :length]
+
+
 @dataclass
 class Captions:
     """Encoded captions: T5 features (B, L, C) and the attention mask (B, L), 1 on real tokens."""
@@ -59,6 +76,10 @@ class Captions:
     @staticmethod
     def cat(parts: list[Captions]) -> Captions:
         return Captions(torch.cat([p.embeddings for p in parts]), torch.cat([p.mask for p in parts]))
+
+    def trimmed(self) -> Captions:
+        """The same captions without the padding columns every row masks out (``trim_padding``)."""
+        return Captions(*trim_padding(self.embeddings, self.mask))
 
 
 class TextEncoder:

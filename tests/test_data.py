@@ -403,7 +403,9 @@ def test_collate_samples_latents_per_step(tmp_path, tiny_models):
     a = collate(items, step_generator(5, 10))
     b = collate(items, step_generator(5, 10))
     c = collate(items, step_generator(5, 11))
-    assert a["latents"].shape == (4, 4, 4, 4) and a["caption"].shape == (4, 120, 16)
+    longest = max(int(item["caption_mask"].sum()) for item in items)
+    assert a["latents"].shape == (4, 4, 4, 4) and a["caption"].shape == (4, longest, 16) and longest < 120
+    assert a["caption_mask"][:, -1].any()  # trimmed to the batch's longest caption, no further
     assert torch.equal(a["latents"], b["latents"]) and not torch.equal(a["latents"], c["latents"])
     assert a["caption_mask"].dtype == torch.int64
     assert "latents" not in collate(items)
@@ -413,7 +415,7 @@ def test_collate_samples_latents_per_step(tmp_path, tiny_models):
     run = stream.iterate(0, 0, "cpu")
     got = [next(run) for _ in range(5)]
     assert [(e, k) for e, k, _ in got] == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1)]
-    assert got[0][2]["x0"].shape == (2, 4, 4, 4) and got[0][2]["caption"].shape == (2, 120, 16)
+    assert got[0][2]["x0"].shape == (2, 4, 4, 4) and got[0][2]["caption"].shape[::2] == (2, 16)
     epoch, position, batch = next(stream.iterate(1, 1, "cpu"))
     assert (epoch, position) == (1, 2) and torch.equal(batch["x0"], got[3][2]["x0"])
     assert torch.equal(batch["index"], got[3][2]["index"])

@@ -102,6 +102,26 @@ def test_caption_padding_is_ignored():
         assert torch.allclose(out[:1], alone, atol=1e-5)
 
 
+def test_trimming_caption_padding_changes_nothing_even_with_dropout():
+    """``trim_padding`` (sampling and training batches): same output with dropped and kept captions; a row with no
+    real token (the model then attends to all tokens) keeps the batch untrimmed."""
+    from pixart_cli.text import trim_padding
+
+    model = randomize(build_pixart(TINY_PIXART)).eval()
+    x, t, caption = _inputs(TINY_PIXART)
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    mask[0, :3], mask[1, :6] = 1, 1
+    short, short_mask = trim_padding(caption, mask)
+    assert short.shape[1] == short_mask.shape[1] == 6
+    drop = torch.tensor([True, False])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x, t, short, short_mask, drop_caption=drop), model(x, t, caption, mask, drop_caption=drop)
+        )
+    mask[1] = 0
+    assert trim_padding(caption, mask)[0].shape[1] == 10
+
+
 def test_null_caption_dropout_replaces_the_caption():
     model = randomize(build_pixart(TINY_PIXART)).eval()
     x, t, caption = _inputs(TINY_PIXART)

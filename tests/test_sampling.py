@@ -173,7 +173,9 @@ def test_multi_scale_snaps_to_buckets_and_matches_diffusers(tmp_path, tiny_t5, c
         output_type="latent",
     ).images
     assert reference.shape == ours.shape
-    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    # We drop the caption padding diffusers keeps (the same attention, summed in another order): over ten solver
+    # steps on a 125×188 latent that rounding grows to ~2.5e-4 at a few of 126k elements.
+    torch.testing.assert_close(ours, reference, rtol=5e-4, atol=5e-4)
 
 
 #################################################################################
