@@ -37,7 +37,7 @@ def ensure_shapes_dataset(recipe: Recipe) -> None:
     target = path.parent if path.suffix == ".jsonl" else path
     if target.exists() and any(target.iterdir()):
         return
-    allowed = {"n", "resolution", "seed", "caption_style", "fmt", "split", "workers"}
+    allowed = {"n", "resolution", "seed", "caption_style", "fmt", "split", "objects", "workers"}
     unknown = set(spec) - allowed
     if unknown:
         raise PixartError(
@@ -46,7 +46,7 @@ def ensure_shapes_dataset(recipe: Recipe) -> None:
     try:  # before the log line and before anything is written: a bad value is one error line
         arguments = inspect.signature(write_dataset).bind(target, **spec)
         arguments.apply_defaults()
-        check_dataset_args(*(arguments.arguments[k] for k in ("n", "resolution", "caption_style", "fmt")))
+        check_dataset_args(*(arguments.arguments[k] for k in ("n", "resolution", "caption_style", "fmt", "objects")))
     except (ValueError, TypeError) as exc:
         raise PixartError(f"data.shapes: {exc}") from None
     logger.info("generating ShapesWorld data in %s", target)

@@ -621,6 +621,7 @@ def _write_items(
     seed: int,
     sizes: list[tuple[int, int]],
     split: Split,
+    objects: int | None,
     antialias: bool,
     caption_style: CaptionStyle,
     fmt: DatasetFormat,
@@ -631,7 +632,7 @@ def _write_items(
     for i in items:
         rng = np.random.default_rng([seed, i])
         width, height = sizes[int(rng.integers(len(sizes)))] if len(sizes) > 1 else sizes[0]
-        scene = sample_scene(rng, aspect=width / height, split=split)
+        scene = sample_scene(rng, aspect=width / height, split=split, num_objects=objects)
         image = render(scene, (width, height), antialias=antialias)
         name = f"{i:0{digits}d}.png"
         if fmt == "imagefolder":
@@ -650,11 +651,13 @@ def _write_items(
 
 
 def check_dataset_args(
-    n: int, resolution: int | tuple[int, int] | Sequence, caption_style: str, fmt: str
+    n: int, resolution: int | tuple[int, int] | Sequence, caption_style: str, fmt: str, objects: int | None = None
 ) -> list[tuple[int, int]]:
     """Validate ``write_dataset``'s arguments (ValueError naming the bad one); return the (width, height) sizes."""
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
+    if objects is not None and (isinstance(objects, bool) or objects not in range(1, MAX_OBJECTS + 1)):
+        raise ValueError(f"objects must be between 1 and {MAX_OBJECTS} (or null for a mix), got {objects!r}")
     if fmt not in ("folder", "jsonl", "imagefolder"):
         raise ValueError(f"fmt must be 'folder', 'jsonl' or 'imagefolder', got {fmt!r}")
     if caption_style not in ("dense", "sparse", "mixed"):
@@ -671,6 +674,7 @@ def write_dataset(
     caption_style: CaptionStyle = "dense",
     fmt: DatasetFormat = "folder",
     split: Split = "train",
+    objects: int | None = None,
     antialias: bool = True,
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
@@ -686,6 +690,7 @@ def write_dataset(
       ``classes.txt`` listing all 48 class folders in label order. With ``split="train"`` the 6 held-out classes
       have no folder, so take the label from the folder's number, not from its rank among the folders.
 
+    ``objects`` fixes the number of objects in every scene (None: 1–3, uniform), e.g. 1 for a quick first model.
     ``resolution`` is a side, a (width, height), or a list of (width, height) sizes: then each scene draws its
     size (hence its aspect ratio) uniformly from the list, for multi-aspect training.
 
@@ -693,7 +698,7 @@ def write_dataset(
     a smaller ``n`` writes a prefix of a larger one, whatever the number of ``workers`` (processes).
     ``progress(done, n)`` is called as items are done.
     """
-    sizes = check_dataset_args(n, resolution, caption_style, fmt)
+    sizes = check_dataset_args(n, resolution, caption_style, fmt, objects)
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise PixartError(f"{directory}: already exists and is not an empty directory")
@@ -705,7 +710,7 @@ def write_dataset(
     digits = max(6, len(str(max(n - 1, 0))))
     job = functools.partial(
         _write_items, directory=directory, image_dir=image_dir, seed=seed, sizes=sizes, split=split,
-        antialias=antialias, caption_style=caption_style, fmt=fmt, digits=digits,
+        objects=objects, antialias=antialias, caption_style=caption_style, fmt=fmt, digits=digits,
     )  # fmt: skip
     chunk = 1 if workers <= 1 else max(1, min(1000, -(-n // workers)))  # serial: progress after every item
     ranges = [range(start, min(n, start + chunk)) for start in range(0, n, chunk)]
