@@ -252,6 +252,16 @@ def test_multi_aspect_dataset_draws_a_size_per_scene(tmp_path):
         write_dataset(tmp_path / "none", 1, resolution=[])
 
 
+def test_fixed_number_of_objects(tmp_path):
+    """``objects=1``: every scene holds one object (the detector finds exactly one); a bad count is refused."""
+    out = write_dataset(tmp_path / "one", 12, resolution=32, seed=0, fmt="jsonl", objects=1)
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert all(len(detect(np.asarray(Image.open(out / r["path"]).convert("RGB"))).objects) == 1 for r in records)
+    for bad in (0, 4, True):
+        with pytest.raises(ValueError, match="objects must be between 1 and 3"):
+            write_dataset(tmp_path / f"bad-{bad}", 1, objects=bad)
+
+
 def test_folder_format(tmp_path):
     out = write_dataset(tmp_path / "ds", 5, resolution=32, seed=0, caption_style="sparse")
     images = sorted(out.glob("*.png"))
