@@ -42,6 +42,10 @@ class ModelSection:
     init_weights: Literal["model", "ema"] = "ema"  # which weights of `init` to start from, when it has both
     gradient_checkpointing: bool = True
     compile: bool = False  # torch.compile each transformer block
+    # A caption projection (y_embedder) that starts fresh: "official" N(0, 0.02), sized for T5-XXL's 4096 channels,
+    # or "xavier" (uniform, scaled by width): faster text alignment with a narrow text encoder (ShapesWorld:
+    # docs/shapes-experiments.md). Ignored when the projection comes from a PixArt checkpoint.
+    caption_init: Literal["official", "xavier"] = "official"
 
     def __post_init__(self) -> None:
         known = PIXART_VARIANTS if self.architecture == "PixArt" else DIT_VARIANTS

@@ -84,28 +84,30 @@ def check_sampler(sampler: str) -> SamplerSpec:
     return SAMPLERS[sampler]
 
 
-def make_scheduler(sampler: str, learned_variance: bool = True):
+def make_scheduler(sampler: str, learned_variance: bool = True, clip_x0: bool = False):
     """A fresh diffusers scheduler for ``sampler`` on the training noise schedule.
 
     ``learned_variance``: whether the model predicts the variance (``iddpm`` then uses it; without it, the
-    posterior variance, as IDDPM's fixed-small option).
+    posterior variance, as IDDPM's fixed-small option). ``clip_x0``: clip each step's predicted clean image to
+    [-1, 1], as DDPM does for pixel-space models; latents are not bounded, so latent models never clip.
     """
     check_sampler(sampler)
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SASolverScheduler
 
+    # Dynamic thresholding capped at 1.0 is a plain clip to [-1, 1] (the quantile is floored at 1).
+    threshold = {"thresholding": True, "sample_max_value": 1.0} if clip_x0 else {}
     if sampler == "dpm-solver":
-        return DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG)  # what the public checkpoints ship with
+        return DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG, **threshold)  # the public checkpoints' config
     if sampler == "sa-solver":
-        return SASolverScheduler(**NOISE_SCHEDULE, predictor_order=2, corrector_order=2)
+        return SASolverScheduler(**NOISE_SCHEDULE, predictor_order=2, corrector_order=2, **threshold)
     if sampler == "ddim":
-        # Latents are not confined to [-1, 1]: no clipping. Offset 1 and no alpha=1 at the end: the usual choice
-        # for a 1000-step linear schedule (Stable Diffusion's).
-        return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        # Offset 1 and no alpha=1 at the end: the usual choice for a 1000-step linear schedule (Stable Diffusion's).
+        return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=clip_x0, set_alpha_to_one=False, steps_offset=1)
     # "linspace" rounds evenly spaced steps over [0, 999], which is IDDPM's own respacing ("100").
     return DDPMScheduler(
         **NOISE_SCHEDULE,
         variance_type="learned_range" if learned_variance else "fixed_small",
-        clip_sample=False,
+        clip_sample=clip_x0,
         timestep_spacing="linspace",
     )
 
@@ -118,6 +120,7 @@ def sample(
     steps: int | None = None,
     generators: list[torch.Generator] | None = None,
     learned_variance: bool = False,
+    clip_x0: bool = False,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Run ``sampler`` for ``steps`` from ``noise`` (B, C, H, W); the one loop every solver shares.
@@ -130,7 +133,7 @@ def sample(
     steps = spec.default_steps if steps is None else steps
     if steps <= 0:
         raise PixartError(f"steps must be positive, got {steps}")
-    scheduler = make_scheduler(sampler, learned_variance)
+    scheduler = make_scheduler(sampler, learned_variance, clip_x0)
     scheduler.set_timesteps(steps, device=noise.device)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
@@ -224,6 +227,7 @@ def sample_latents(
     cfg: float = DEFAULT_CFG,
     image_size: tuple[int, int] | None = None,
     generators: list[torch.Generator] | None = None,
+    clip_x0: bool = False,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Final latents from initial ``noise`` and precomputed caption features (the lower-level API).
@@ -234,6 +238,7 @@ def sample_latents(
         null_captions: B unconditional captions for guidance (None: no guidance).
         image_size: (H, W) of the image in pixels; needed by multi-scale models.
         generators: one per image, for stochastic solvers.
+        clip_x0: clip predicted clean images to [-1, 1] at every step (pixel-space models; ``make_scheduler``).
     """
     if len(captions) != noise.shape[0] or (null_captions is not None and len(null_captions) != noise.shape[0]):
         raise ValueError("noise, captions and null captions must have the same batch size")
@@ -246,6 +251,7 @@ def sample_latents(
         steps=steps,
         generators=generators,
         learned_variance=model.config.learn_sigma,
+        clip_x0=clip_x0,
         callback=callback,
     )
 
@@ -596,6 +602,7 @@ class Pipeline:
                     cfg=cfg,
                     image_size=(h, w),
                     generators=generators,
+                    clip_x0=self.autoencoder.bounded,
                     callback=step_progress,
                 )
                 images = to_pil(self.autoencoder.decode(latents))

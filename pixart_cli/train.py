@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import yaml
@@ -144,10 +144,17 @@ class EMA:
 #################################################################################
 
 
-def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> tuple[dict | None, list[str], str]:
-    """Weights to start from (None: fresh init), the keys initialised fresh, and a one-line description."""
+class InitialWeights(NamedTuple):
+    weights: dict | None  # None: a fresh initialisation
+    fresh: list[str]  # keys the weights lack, initialised fresh (multi-scale embedders)
+    description: str  # one line for the log
+    new_caption_path: bool  # the caption projection starts fresh (from scratch, or from a DiT)
+
+
+def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> InitialWeights:
+    """Weights to start from, the keys initialised fresh, and a one-line description."""
     if recipe.model.init is None:
-        return None, [], "fresh initialisation"
+        return InitialWeights(None, [], "fresh initialisation", True)
     init = str(latest_in_run(recipe.model.init))
     if isinstance(config, DiTConfig):
         from pixart_cli.init_from_dit import read_dit
@@ -157,11 +164,12 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> tuple[d
             raise PixartError(
                 f"model.init: {init} has {source_config.num_classes} classes, the recipe {config.num_classes}"
             )
-        return weights, [], f"DiT weights from {init}"
+        return InitialWeights(weights, [], f"DiT weights from {init}", False)
     from pixart_cli.convert import detect_format, read_any
 
     fmt = detect_format(init)  # read once: for a .pth file it means loading the whole file
-    if fmt == "dit" or (fmt == "pixart" and isinstance(read_config(init)[0], DiTConfig)):
+    from_dit = fmt == "dit" or (fmt == "pixart" and isinstance(read_config(init)[0], DiTConfig))
+    if from_dit:
         # Stage 2 straight from a stage-1 DiT: what `pixart init-from-dit` would write, done here.
         from pixart_cli.init_from_dit import read_dit, reparameterise
 
@@ -188,7 +196,7 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> tuple[d
             if keys
         )
         raise PixartError(f"model.init: {init} does not fit the recipe's model ({detail})")
-    return weights, fresh, source
+    return InitialWeights(weights, fresh, source, from_dit)
 
 
 def build_training_model(recipe: Recipe) -> tuple[nn.Module, str]:
@@ -196,7 +204,7 @@ def build_training_model(recipe: Recipe) -> tuple[nn.Module, str]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.train.seed)  # identical initial weights on every process
         model = build_model(config)
-    weights, fresh, description = initial_weights(recipe, config)
+    weights, fresh, description, new_caption_path = initial_weights(recipe, config)
     if weights is not None:
         missing, unexpected = model.load_state_dict(weights, strict=False)
         assert sorted(missing) == sorted(fresh) and not unexpected, (missing, unexpected)  # checked above
@@ -204,6 +212,12 @@ def build_training_model(recipe: Recipe) -> tuple[nn.Module, str]:
             description += (
                 f" ({len(fresh)} new keys initialised: {', '.join(sorted({k.split('.')[0] for k in fresh}))})"
             )
+    if recipe.model.caption_init == "xavier" and new_caption_path and isinstance(config, PixArtConfig):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.train.seed)
+            for linear in (model.y_embedder.y_proj.fc1, model.y_embedder.y_proj.fc2):
+                nn.init.xavier_uniform_(linear.weight)
+        description += "; caption projection xavier-initialised"
     model.enable_gradient_checkpointing(recipe.model.gradient_checkpointing)
     return model, description
 

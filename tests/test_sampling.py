@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from pixart_cli.checkpoint import load_checkpoint
 from pixart_cli.cli import app
 from pixart_cli.convert import read_any, write_diffusers, write_official
+from pixart_cli.encode import ImageEncoder, PixelEncoder
 from pixart_cli.errors import PixartError
 from pixart_cli.models import PixArtConfig
 from pixart_cli.sampling import (
@@ -212,6 +213,22 @@ def test_learned_range_variance_reaches_the_scheduler():
             sample(denoiser(value), noise, sampler="iddpm", steps=5, generators=generators, learned_variance=True)
         )
     assert not torch.allclose(results[0], results[1])
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_pixel_space_solvers_clip_the_predicted_image(sampler):
+    """``clip_x0`` (pixel-space models): a denoiser whose clean-image predictions overshoot [-1, 1] still ends in
+    range; without it the overshoot reaches the image. Latent models never clip (diffusers' pipeline does not)."""
+    noise, _ = seeded_noise([0], (3, 8, 8))
+
+    def run(clip_x0: bool) -> torch.Tensor:
+        _, generators = seeded_noise([0], (3, 8, 8))
+        # epsilon = 0: the predicted clean image is x_t / sqrt(alpha_bar), far outside [-1, 1] at high noise
+        denoiser = lambda x, t: torch.zeros(x.shape[0], 6, *x.shape[2:])  # noqa: E731
+        return sample(denoiser, noise, sampler=sampler, steps=5, generators=generators, clip_x0=clip_x0)
+
+    assert run(True).abs().max() <= 1.05 and run(False).abs().max() > 2  # SA-Solver's last step adds a little noise
+    assert PixelEncoder.bounded and not ImageEncoder.bounded
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))

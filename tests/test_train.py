@@ -406,3 +406,31 @@ def test_compiled_blocks_train_and_save_plain_checkpoints(world, tmp_path):
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(run / "checkpoints" / "step-0000002")  # strict: no "_orig_mod." keys
     assert "blocks.0.attn.qkv.weight" in ckpt.state_dict
+
+
+def test_caption_init_xavier_applies_only_to_a_fresh_caption_projection(tmp_path):
+    """model.caption_init: official N(0, 0.02) by default; xavier from scratch and from a DiT; a PixArt
+    checkpoint's own projection is kept whatever the setting."""
+    from pixart_cli.checkpoint import Checkpoint, CheckpointMeta, build_model, save_checkpoint
+    from pixart_cli.train import build_training_model
+
+    shapes = ROOT / "recipes" / "shapes" / "stage2.yaml"
+    tiny = f"model.config={TINY_MODEL}"
+
+    def fc1_std(*sets: str) -> float:
+        recipe, _ = load_recipe(shapes, [tiny, *sets])
+        model, _ = build_training_model(recipe)
+        return model.y_embedder.y_proj.fc1.weight.std().item()
+
+    assert fc1_std("model.init=null") == pytest.approx(0.02, rel=0.1)
+    xavier = (6 / (32 + 96)) ** 0.5 / 3**0.5  # std of xavier-uniform for 32 → 96
+    assert fc1_std("model.init=null", "model.caption_init=xavier") == pytest.approx(xavier, rel=0.1)
+    recipe, _ = load_recipe(shapes, ["model.caption_init=xavier"])  # from the shipped DiT (6 × 240, T5 width 64)
+    from_dit, _ = build_training_model(recipe)
+    assert from_dit.y_embedder.y_proj.fc1.weight.std().item() == pytest.approx((2 / (64 + 240)) ** 0.5, rel=0.1)
+    recipe, _ = load_recipe(shapes, [tiny])
+    pixart = build_model(recipe.model_config())
+    with torch.no_grad():
+        pixart.y_embedder.y_proj.fc1.weight.fill_(0.5)
+    save_checkpoint(Checkpoint(recipe.model_config(), pixart.state_dict(), None, CheckpointMeta()), tmp_path / "p")
+    assert fc1_std(f"model.init={tmp_path / 'p'}", "model.caption_init=xavier") == 0.0  # all 0.5: kept
