@@ -88,6 +88,7 @@ class Autoencoder:
 
     downsample: int
     channels: int
+    bounded: bool = False  # the model's space is confined to [-1, 1] (pixels): solvers may clip predictions to it
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -104,6 +105,7 @@ class PixelSpace(Autoencoder):
 
     downsample = 1
     channels = 3
+    bounded = True
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return images

@@ -25,7 +25,6 @@ class ImageEncoder:
     downsample: int
     channels: int
     scaling_factor: float = 1.0
-    bounded: bool = False  # the model's space is confined to [-1, 1] (pixels): solvers may clip predictions to it
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the scaled latent posterior, each (B, channels, H / downsample, W / downsample)."""
@@ -52,7 +51,6 @@ class PixelEncoder(ImageEncoder):
     name = "none"
     downsample = 1
     channels = 3
-    bounded = True
 
     @property
     def stochastic(self) -> bool:

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from pixart_cli.checkpoint import load_checkpoint
 from pixart_cli.cli import app
+from pixart_cli.components import VAE, PixelSpace
 from pixart_cli.convert import read_any, write_diffusers, write_official
-from pixart_cli.encode import ImageEncoder, PixelEncoder
 from pixart_cli.errors import PixartError
 from pixart_cli.models import PixArtConfig
 from pixart_cli.sampling import (
@@ -228,7 +228,7 @@ def test_pixel_space_solvers_clip_the_predicted_image(sampler):
         return sample(denoiser, noise, sampler=sampler, steps=5, generators=generators, clip_x0=clip_x0)
 
     assert run(True).abs().max() <= 1.05 and run(False).abs().max() > 2  # SA-Solver's last step adds a little noise
-    assert PixelEncoder.bounded and not ImageEncoder.bounded
+    assert PixelSpace.bounded and not VAE.bounded
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
