@@ -12,9 +12,11 @@ from pixart_cli.demo import SHAPES_DEMO, build_shapes_t5, demo_model, unknown_wo
 
 runner = CliRunner()
 
-# ShapesBench on the first 24 held-out prompts (seed 0, one image each, DPM-Solver++ 20 steps, CFG 4.5), as measured
-# for the shipped model; docs/shapes.md has the 200-prompt numbers. Raise these when a better model ships.
-SHIPPED_LEVEL = {"color": 0.0, "shape": 0.0, "spatial": 0.0, "complex": 0.0}
+# ShapesBench on the first 24 held-out prompts (seed 0, one image each, DPM-Solver++ 20 steps, CFG 4.5) for the
+# shipped model: measured color 0.750 (18/24), shape 0.167 (4/24), spatial and complex 0. The floors sit one prompt
+# lower, for float differences between machines; docs/shapes.md has the 200-prompt numbers. Raise them when a
+# better model ships.
+SHIPPED_LEVEL = {"color": 17 / 24, "shape": 3 / 24, "spatial": 0.0, "complex": 0.0}
 
 
 def test_the_demo_is_the_default_model_and_warns_outside_its_vocabulary(tmp_path):
