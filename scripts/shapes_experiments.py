@@ -4,7 +4,7 @@ Arms (all the shipped recipes/shapes/stage2.yaml with overrides, so each differs
 
 * ``dit-dense``     stage 2 from the stage-1 DiT (init-from-dit re-parameterisation), dense captions: the recipe.
 * ``scratch-dense`` the same from a fresh initialisation (claim a: starting from stage 1 pays).
-* ``scratch-dense-xavier`` from scratch with ``model.caption_init: xavier`` (faster text alignment at this width).
+* ``scratch-dense-official`` from scratch with the official caption-projection init instead of the recipe's xavier.
 * ``dit-sparse``    from the DiT, sparse alt-text-like captions of the same scenes (claim b: dense captions pay).
 
 Every ``--eval-every`` steps the checkpoint is scored on the first ``--limit`` held-out prompts (one image each,
@@ -37,7 +37,7 @@ RECIPE = ROOT / "recipes" / "shapes" / "stage2.yaml"
 ARMS: dict[str, list[str]] = {
     "dit-dense": [],
     "scratch-dense": ["model.init=null"],
-    "scratch-dense-xavier": ["model.init=null", "model.caption_init=xavier"],
+    "scratch-dense-official": ["model.init=null", "model.caption_init=official"],
     "dit-sparse": [
         "data.shapes.caption_style=sparse",
         "data.path=data/shapes/train-32-sparse/manifest.jsonl",
