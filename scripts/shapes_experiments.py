@@ -6,6 +6,7 @@ Arms (all the shipped recipes/shapes/stage2.yaml with overrides, so each differs
 * ``scratch-dense`` the same from a fresh initialisation (claim a: starting from stage 1 pays).
 * ``scratch-dense-official`` from scratch with the official caption-projection init instead of the recipe's xavier.
 * ``dit-sparse``    from the DiT, sparse alt-text-like captions of the same scenes (claim b: dense captions pay).
+* ``scratch-sparse`` sparse captions from a fresh initialisation (claim b without the stage-1 DiT).
 
 Every ``--eval-every`` steps the checkpoint is scored on the first ``--limit`` held-out prompts (one image each,
 20 DPM-Solver steps, CFG 4.5), which gives accuracy against training time. Results are appended to
@@ -34,15 +35,17 @@ from pixart_cli.recipe import load_recipe
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "shapes" / "stage2.yaml"
 
+SPARSE = [
+    "data.shapes.caption_style=sparse",
+    "data.path=data/shapes/train-32-sparse/manifest.jsonl",
+    "data.cache=data/shapes/train-32-sparse-cache",
+]
 ARMS: dict[str, list[str]] = {
     "dit-dense": [],
     "scratch-dense": ["model.init=null"],
     "scratch-dense-official": ["model.init=null", "model.caption_init=official"],
-    "dit-sparse": [
-        "data.shapes.caption_style=sparse",
-        "data.path=data/shapes/train-32-sparse/manifest.jsonl",
-        "data.cache=data/shapes/train-32-sparse-cache",
-    ],
+    "dit-sparse": SPARSE,
+    "scratch-sparse": ["model.init=null", *SPARSE],
 }
 REPORTED = ("color", "shape", "spatial", "complex")
 
