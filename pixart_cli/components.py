@@ -2,7 +2,8 @@
 
 Both load from a local directory or a hub id through transformers / diffusers. Without network access a hub id
 that is not in the local cache fails with one line that says how to get the weights. ``Autoencoder`` puts a VAE
-and the pixel-space option ("none": the model works on pixels in [-1, 1]) behind one interface.
+and the pixel-space option ("none": the model works on pixels in [-1, 1]) behind one interface, used alike by
+sampling, `pixart prepare` and training.
 """
 
 from __future__ import annotations
@@ -81,58 +82,77 @@ def load_vae(name: str, dtype: torch.dtype | None = None, device: torch.device |
 
 
 class Autoencoder:
-    """Maps images in [-1, 1] to the diffusion model's space and back.
+    """Maps pixels (B, 3, H, W) in [-1, 1] to the diffusion model's space and back.
 
-    ``downsample``: image pixels per model-input pixel along each side; ``channels``: model-input channels.
+    ``encode`` returns the *scaled* Gaussian posterior (mean, std): training pre-extracts it once per image and
+    draws a fresh latent ``mean + std · ε`` each time an item is read (the official recipe; ``draw_latents``),
+    so a feature cache stores mean and std, not a sample. ``name``: the identity a cache records (the VAE path or
+    ``"none"``); ``downsample``: pixels per latent pixel along each side; ``channels``: latent channels.
     """
 
+    name: str
     downsample: int
     channels: int
+    scaling_factor: float = 1.0
     bounded: bool = False  # the model's space is confined to [-1, 1] (pixels): solvers may clip predictions to it
+    stochastic: bool = True  # encode can return a non-zero std (a cache skips storing an all-zero one)
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the scaled latent posterior, each (B, channels, H / downsample, W / downsample)."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → pixels in [-1, 1] (not clamped for a VAE)."""
         raise NotImplementedError
 
     def to(self, device: torch.device | str) -> Autoencoder:
         return self
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        if height % self.downsample or width % self.downsample:
+            raise ValueError(f"{height}×{width} px is not divisible by the encoder's downsampling {self.downsample}")
+        return self.channels, height // self.downsample, width // self.downsample
+
 
 class PixelSpace(Autoencoder):
-    """No autoencoder: the model denoises RGB pixels in [-1, 1] directly (``vae: none``)."""
+    """No autoencoder: the model denoises RGB pixels in [-1, 1] directly (``vae: none``; posterior std 0)."""
 
+    name = "none"
     downsample = 1
     channels = 3
     bounded = True
+    stochastic = False
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return images
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pixels, torch.zeros_like(pixels)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.clamp(-1, 1)
 
 
 class VAE(Autoencoder):
-    """A diffusers ``AutoencoderKL`` with its latent scaling (``vae.config.scaling_factor``: 0.18215 for SD)."""
+    """A diffusers ``AutoencoderKL`` with its latent scaling: ``(latent - shift_factor) · scaling_factor``
+    (0.18215 and no shift for the SD VAE)."""
 
-    def __init__(self, vae) -> None:
+    def __init__(self, vae, name: str = "vae") -> None:
         self.vae = vae
+        self.name = name
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
         self.channels = vae.config.latent_channels
-        self.scaling_factor = vae.config.scaling_factor
-        self.shift_factor = vae.config.shift_factor or 0.0
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sampled (not mean) scaled latents, as in training."""
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return (dist.sample(generator) - self.shift_factor) * self.scaling_factor
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        param = next(self.vae.parameters())
+        posterior = self.vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+        # The shift moves the mean only; the scale multiplies both (the affine map of a Gaussian).
+        return (posterior.mean - self.shift_factor) * self.scaling_factor, posterior.std * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
+        param = next(self.vae.parameters())
+        latents = latents.to(device=param.device, dtype=param.dtype) / self.scaling_factor + self.shift_factor
         return self.vae.decode(latents).sample
 
     def to(self, device: torch.device | str) -> VAE:
@@ -142,6 +162,17 @@ class VAE(Autoencoder):
 
 def load_autoencoder(name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> Autoencoder:
     """``"none"`` for pixel space, else a VAE directory or hub id (see ``load_vae``)."""
+    if not name or not name.strip():
+        raise PixartError("no VAE given: pass a VAE directory, or 'none' for a pixel-space model")
     if name.strip().lower() == "none":
         return PixelSpace()
-    return VAE(load_vae(name, dtype=dtype, device=device))
+    return VAE(load_vae(name, dtype=dtype, device=device), name=name)
+
+
+def draw_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw ``mean + std · ε`` from an ``Autoencoder.encode`` posterior, in float32 (FACTS §4: a fresh latent
+    each time an item is read); ``ε`` comes from ``generator``'s device."""
+    mean, std = mean.float(), std.float()
+    device = generator.device if generator is not None else mean.device
+    noise = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32).to(mean.device)
+    return mean + std * noise

@@ -79,7 +79,7 @@ def batch_source(recipe: Recipe, accelerator: Any) -> LoaderBatches:
     data = recipe.data
     config = recipe.model_config()
     ensure_shapes_dataset(recipe)
-    image_encoder = text_encoder = None
+    autoencoder = text_encoder = None
     cache = Path(data.cache) if data.cache else None
     if cache is not None and (cache / INDEX).is_file():
         dataset = CachedDataset(cache)
@@ -88,13 +88,12 @@ def batch_source(recipe: Recipe, accelerator: Any) -> LoaderBatches:
     else:
         if data.path is None:
             raise PixartError("data.path: no dataset given (and no feature cache at data.cache)")
-        from pixart_cli.encode import load_image_encoder
+        from pixart_cli.components import load_autoencoder
 
         source = read_source(data.path, data.kind)
-        downsample = 1 if data.vae.strip().lower() == "none" else 8
-        buckets = Buckets.for_resolution(data.resolution, data.multi_scale, multiple=downsample * config.patch_size)
-        dataset = OnTheFlyDataset(source.records, buckets)
-        image_encoder = load_image_encoder(data.vae, device=accelerator.device)
+        autoencoder = load_autoencoder(data.vae, device=accelerator.device)
+        multiple = autoencoder.downsample * config.patch_size
+        dataset = OnTheFlyDataset(source.records, Buckets.for_resolution(data.resolution, data.multi_scale, multiple))
         if not isinstance(config, DiTConfig):
             if not data.text_encoder:
                 raise PixartError("data.text_encoder: a PixArt stage needs a T5 text encoder")
@@ -119,7 +118,7 @@ def batch_source(recipe: Recipe, accelerator: Any) -> LoaderBatches:
         loader,
         seed=recipe.train.seed,
         rank=accelerator.process_index,
-        image_encoder=image_encoder,
+        autoencoder=autoencoder,
         text_encoder=text_encoder,
     )
     if isinstance(dataset, OnTheFlyDataset):  # what the data left out so far; decoding adds to it as it goes

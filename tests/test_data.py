@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pixart_cli.cli import app
+from pixart_cli.components import VAE, PixelSpace, draw_latents
 from pixart_cli.data.buckets import BucketBatchSampler, Buckets, make_bucket_table, official_bucket_table
 from pixart_cli.data.cache import PrepareProgress, prepare
 from pixart_cli.data.loader import (
@@ -26,7 +27,6 @@ from pixart_cli.data.loader import (
 )
 from pixart_cli.data.sources import Record, detect_kind, read_source
 from pixart_cli.data.transforms import BadImage, image_size, load_image, load_pixels, resize_and_crop, to_tensor
-from pixart_cli.encode import PixelEncoder, VaeEncoder, sample_latents
 from pixart_cli.errors import PixartError
 
 CAPTIONS = ["a red square", "a blue circle on grass", "two green triangles", "a small yellow star", "sky", "cat"]
@@ -308,7 +308,7 @@ def test_vae_encoder_scales_the_posterior(tiny_models):
     from pixart_cli.components import load_vae
 
     vae = load_vae(tiny_models[1])
-    encoder = VaeEncoder(vae, name="tiny")
+    encoder = VAE(vae, name="tiny")
     pixels = torch.rand(2, 3, 32, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mean, std = encoder.encode(pixels)
     posterior = vae.encode(pixels).latent_dist
@@ -316,10 +316,10 @@ def test_vae_encoder_scales_the_posterior(tiny_models):
     torch.testing.assert_close(mean, posterior.mean * 0.18215)
     torch.testing.assert_close(std, posterior.std * 0.18215)
     assert encoder.decode(mean).shape == (2, 3, 32, 16)
-    a = sample_latents(mean, std, torch.Generator().manual_seed(1))
-    b = sample_latents(mean, std, torch.Generator().manual_seed(1))
+    a = draw_latents(mean, std, torch.Generator().manual_seed(1))
+    b = draw_latents(mean, std, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.equal(a, mean)
-    mean, std = PixelEncoder().encode(pixels)
+    mean, std = PixelSpace().encode(pixels)
     assert torch.equal(mean, pixels) and not std.any()
 
 
@@ -341,7 +341,7 @@ def test_cache_round_trip_with_t5_and_vae(tmp_path, tiny_models):
 
     dataset = CachedDataset(tmp_path / "cache")
     assert len(dataset) == 6 and len(set(dataset.bucket_of)) > 1
-    encoder, text = VaeEncoder(load_vae(vae)), TextEncoder(t5, max_length=120)
+    encoder, text = VAE(load_vae(vae)), TextEncoder(t5, max_length=120)
     source = read_source(data)
     for i in range(len(dataset)):
         item = dataset[i]
@@ -486,7 +486,7 @@ def test_on_the_fly_dataset_replaces_unreadable_images(tmp_path, tiny_models):
     batch = next(iter(make_loader(dataset, 2, seed=0)))
     assert batch["pixels"].shape == (2, 3, 16, 16) and len(batch["caption"]) == 2
     text = TextEncoder(tiny_models[0], max_length=12)
-    stream = LoaderBatches(make_loader(dataset, 2, seed=0), seed=0, image_encoder=PixelEncoder(), text_encoder=text)
+    stream = LoaderBatches(make_loader(dataset, 2, seed=0), seed=0, autoencoder=PixelSpace(), text_encoder=text)
     _, _, batch = next(stream.iterate(0, 0, "cpu"))
     assert batch["x0"].shape == (2, 3, 16, 16) and batch["caption"].shape == (2, 12, 16)
     assert batch["caption_mask"].shape == (2, 12) and len(batch["caption_text"]) == 2

@@ -47,10 +47,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from pixart_cli.components import Autoencoder, load_autoencoder
 from pixart_cli.data.buckets import Buckets, assign_buckets
 from pixart_cli.data.sources import Record, Source, SourceKind, read_source
 from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, Resample, load_pixels
-from pixart_cli.encode import ImageEncoder, load_image_encoder
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_directory, atomic_file, remove_stale_temporaries
 
@@ -96,7 +96,7 @@ class PrepareReport:
 
 def _identity_of(value: object) -> str:
     """What a component is recorded as: an absolute path for a local directory, else its id or name."""
-    if isinstance(value, ImageEncoder):
+    if isinstance(value, Autoencoder):
         value = value.name
     value = getattr(value, "source", value)  # a text.TextEncoder records where it loads from
     if isinstance(value, str | os.PathLike):
@@ -189,7 +189,7 @@ def prepare(
     output: str | os.PathLike,
     *,
     t5: str | Any | None,
-    vae: str | ImageEncoder,
+    vae: str | Autoencoder,
     resolution: int,
     multi_scale: bool = False,
     kind: SourceKind | Literal["auto"] = "auto",
@@ -216,7 +216,7 @@ def prepare(
         output: cache directory. An unfinished cache with the same settings is resumed; a finished one is left as
             it is (its report is returned); different settings are an error unless ``overwrite``.
         t5: T5 directory / hub id, or a ready ``text.TextEncoder``; unused (may be None) for class-folder data.
-        vae: VAE directory / hub id, ``"none"`` for pixel space, or a ready ``ImageEncoder``.
+        vae: VAE directory / hub id, ``"none"`` for pixel space, or a ready ``Autoencoder``.
         resolution: image side in pixels; with ``multi_scale`` the base of the aspect-ratio bucket table.
         batch_size: images (and captions) per encoder call. shard_size: items per shard (at most).
         max_length: caption tokens (120 for PixArt-α). dtype: encoder compute dtype (default: as stored; T5 v1.1
@@ -278,7 +278,7 @@ def prepare(
 
     # Everything that can fail on the user's input (encoders, buckets) fails before the first write, so that a
     # failed start leaves no half-made cache behind for the next run to refuse.
-    encoder = vae if isinstance(vae, ImageEncoder) else load_image_encoder(str(vae), dtype=dtype, device=device)
+    encoder = vae if isinstance(vae, Autoencoder) else load_autoencoder(str(vae), dtype=dtype, device=device)
     multiple = bucket_multiple or encoder.downsample * 2
     if multiple % encoder.downsample:
         raise PixartError(f"bucket multiple {multiple} is not divisible by the VAE downsampling {encoder.downsample}")
@@ -444,7 +444,7 @@ def _write_shard(
     parts: list[dict[str, Any]],
     bad: list[BadImage],
     source: Source,
-    encoder: ImageEncoder,
+    encoder: Autoencoder,
 ) -> int:
     """Write one shard atomically; returns its item count."""
     bucket = shard["bucket"]
@@ -482,7 +482,7 @@ def _make_index(
     settings: dict,
     source: Source,
     buckets: Buckets,
-    encoder: ImageEncoder,
+    encoder: Autoencoder,
     shards: list[dict[str, Any]],
     output: Path,
     header_bad: list[BadImage],

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pixart_cli.components import Autoencoder, draw_latents
 from pixart_cli.data.buckets import BucketBatchSampler, Buckets, assign_buckets
 from pixart_cli.data.cache import FORMAT, INDEX, PLAN, SHARDS, VERSION
 from pixart_cli.data.sources import Record, Source
 from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, Resample, load_pixels
-from pixart_cli.encode import ImageEncoder, sample_latents
 from pixart_cli.errors import PixartError
 from pixart_cli.text import trim_padding
 
@@ -226,7 +226,7 @@ def collate(items: list[dict[str, Any]], generator: torch.Generator | None = Non
     if isinstance(batch.get("caption_mask"), torch.Tensor):
         batch["caption"], batch["caption_mask"] = trim_padding(batch["caption"], batch["caption_mask"])
     if generator is not None and "latent_mean" in batch:
-        batch["latents"] = sample_latents(batch["latent_mean"], batch["latent_std"], generator)
+        batch["latents"] = draw_latents(batch["latent_mean"], batch["latent_std"], generator)
     return batch
 
 
@@ -303,7 +303,7 @@ class LoaderBatches:
 
     ``x0`` is a fresh draw ``mean + std · ε`` from the cached posterior, with ``ε`` from
     ``step_generator(seed, rank, epoch, batch)``: a pure function of the data position. For an
-    ``OnTheFlyDataset`` the batch is encoded here first: pixels with ``image_encoder`` (then sampled the same way)
+    ``OnTheFlyDataset`` the batch is encoded here first: pixels with ``autoencoder`` (then sampled the same way)
     and captions with ``text_encoder`` (``caption``, ``caption_mask``).
     """
 
@@ -313,14 +313,14 @@ class LoaderBatches:
         *,
         seed: int,
         rank: int = 0,
-        image_encoder: ImageEncoder | None = None,
+        autoencoder: Autoencoder | None = None,
         text_encoder: Any | None = None,
         max_unreadable: int | None = None,
     ) -> None:
         if not isinstance(loader.batch_sampler, BucketBatchSampler):
             raise ValueError("LoaderBatches needs a loader from make_loader (a BucketBatchSampler)")
         self.loader, self.seed, self.rank = loader, seed, rank
-        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        self.autoencoder, self.text_encoder = autoencoder, text_encoder
         self.faults = DataFaults()  # this process's count (images are decoded in its loader workers)
         self.max_unreadable = max_unreadable  # more distinct unreadable images than this stop the run
 
@@ -348,10 +348,10 @@ class LoaderBatches:
                 f"(data.max_bad_fraction; e.g. {path}: {reason}); fix the data or raise data.max_bad_fraction"
             )
         if "pixels" in batch:
-            if self.image_encoder is None:
-                raise ValueError("an on-the-fly dataset needs an image_encoder to make x0")
-            batch["latent_mean"], batch["latent_std"] = self.image_encoder.encode(batch.pop("pixels"))
-        batch["x0"] = sample_latents(batch["latent_mean"], batch["latent_std"], generator)
+            if self.autoencoder is None:
+                raise ValueError("an on-the-fly dataset needs an autoencoder to make x0")
+            batch["latent_mean"], batch["latent_std"] = self.autoencoder.encode(batch.pop("pixels"))
+        batch["x0"] = draw_latents(batch["latent_mean"], batch["latent_std"], generator)
         if isinstance(batch.get("caption"), list):
             if self.text_encoder is None:
                 raise ValueError("an on-the-fly captioned dataset needs a text_encoder")
