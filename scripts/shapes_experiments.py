@@ -16,7 +16,7 @@ Every ``--eval-every`` steps the checkpoint is scored on the first ``--limit`` h
 It also prints the parameter count of adaLN-single against per-block adaLN at the shapes size and at XL/2
 (claim c): our PixArt has no per-block-adaLN switch, so quality is not compared.
 
-    python scripts/shapes_experiments.py --steps 1000 --seeds 0            # ~1.5 h on 2 CPU cores
+    python scripts/shapes_experiments.py --steps 2000 --eval-every 500 --limit 200 --threads 1   # ~30 min an arm
     python scripts/shapes_experiments.py --arms dit-dense --steps 3000     # one longer arm
 """
 
