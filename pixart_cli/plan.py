@@ -10,7 +10,7 @@ import torch
 
 from pixart_cli.checkpoint import build_model
 from pixart_cli.errors import PixartError
-from pixart_cli.models import DiTConfig
+from pixart_cli.models import DIT_VARIANTS, PIXART_VARIANTS, DiTConfig
 from pixart_cli.recipe import Recipe
 
 GIB = 1024**3
@@ -115,4 +115,18 @@ def describe_model(recipe: Recipe) -> str:
         if isinstance(config, DiTConfig)
         else ("PixArtMS (multi-scale)" if config.multi_scale else "PixArt")
     )
-    return f"{recipe.model.variant} {kind}: depth {config.depth}, width {config.hidden_size}, patch {config.patch_size}"
+    base = (PIXART_VARIANTS if recipe.model.architecture == "PixArt" else DIT_VARIANTS)[recipe.model.variant]
+    changed = sorted(k for k, v in recipe.model.config.items() if getattr(base, k, None) != v)
+    name = f"custom (from {recipe.model.variant})" if changed else recipe.model.variant
+    return f"{name} {kind}: depth {config.depth}, width {config.hidden_size}, patch {config.patch_size}"
+
+
+def describe_schedule(recipe: Recipe) -> str:
+    """Learning-rate schedule and timestep sampling in words, for the dry run."""
+    optim, train = recipe.optim, recipe.train
+    lr = f"warm-up {optim.warmup_steps:,} steps, then " + (
+        "constant" if optim.decay == "none" else f"{optim.decay} decay to {optim.final_lr_fraction:g} × peak"
+    )
+    if train.timesteps == "uniform":
+        return f"{lr}; timesteps uniform"
+    return f"{lr}; timesteps logit-normal({train.timestep_mean:g}, {train.timestep_std:g})"

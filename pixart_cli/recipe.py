@@ -84,7 +84,11 @@ class OptimSection:
     eps: float = 1e-10
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 0.01
-    warmup_steps: int = 1000  # linear warm-up, then constant
+    warmup_steps: int = 1000  # linear warm-up, then `decay`
+    # After warm-up: "none" keeps the peak lr (the official recipes); "cosine" or "linear" anneal it to
+    # `final_lr_fraction` × peak at train.steps (a constant lr degraded long ShapesWorld runs: shapes-experiments.md).
+    decay: Literal["none", "cosine", "linear"] = "none"
+    final_lr_fraction: float = 0.0
     lr_scaling: Literal["none", "sqrt"] = "sqrt"  # lr × sqrt(global_batch / reference_batch) (official auto_lr)
     reference_batch: int = 256
 
@@ -94,6 +98,8 @@ class OptimSection:
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
         _positive(self, "lr", "eps")
         _non_negative(self, "weight_decay", "grad_clip", "warmup_steps")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError(f"final_lr_fraction: must be in [0, 1], got {self.final_lr_fraction}")
         if not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas: both must be in [0, 1), got {list(self.betas)}")
         if self.reference_batch <= 0:
@@ -109,6 +115,11 @@ class TrainSection:
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)); the official recipes (from trained weights) use none
     caption_dropout: float = 0.1  # probability of the null caption (the null class for DiT): CFG training
+    # How training timesteps are drawn: "uniform" over [0, 1000) (the paper), or "logit-normal": t/1000 =
+    # sigmoid(N(timestep_mean, timestep_std)), which spends more steps at middle noise levels (SD3, Esser et al. 2024).
+    timesteps: Literal["uniform", "logit-normal"] = "uniform"
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
     seed: int = 43
     nan_policy: Literal["stop", "skip"] = "stop"  # on a non-finite loss or gradient
     tf32: bool = True
@@ -118,6 +129,11 @@ class TrainSection:
         for name in ("ema_decay", "caption_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not (math.isfinite(self.timestep_mean) and math.isfinite(self.timestep_std) and self.timestep_std > 0):
+            raise ValueError(
+                f"timestep_mean, timestep_std: need a finite mean and a positive std, got "
+                f"{self.timestep_mean}, {self.timestep_std}"
+            )
         if not 0 <= self.seed < 2**64:
             raise ValueError(f"seed: must be in [0, 2^64), got {self.seed}")
 

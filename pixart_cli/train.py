@@ -56,7 +56,7 @@ from pixart_cli.diffusion import GaussianDiffusion
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_directory, load_torch_file, remove_stale_temporaries
 from pixart_cli.models import DiTConfig, PixArtConfig
-from pixart_cli.recipe import Recipe
+from pixart_cli.recipe import OptimSection, Recipe, TrainSection
 
 logger = logging.getLogger(__name__)
 
@@ -282,8 +282,29 @@ class TrainResult:
     metrics: Path
 
 
-def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+def lr_multiplier(optim: OptimSection, total_steps: int) -> Callable[[int], float]:
+    """The lr of optimiser step ``step`` (0-based) as a fraction of the peak: linear warm-up, then ``optim.decay``."""
+    warmup, final = optim.warmup_steps, optim.final_lr_fraction
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if optim.decay == "none" or total_steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / (total_steps - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.decay == "cosine" else 1 - progress
+        return final + (1 - final) * shape
+
+    return multiplier
+
+
+def draw_timesteps(n: int, generator: torch.Generator, train: TrainSection) -> torch.Tensor:
+    """``n`` integer training timesteps in [0, NUM_TIMESTEPS) as ``train.timesteps`` says, on the generator's device."""
+    if train.timesteps == "uniform":
+        return torch.randint(0, NUM_TIMESTEPS, (n,), generator=generator, device=generator.device)
+    z = torch.randn(n, generator=generator, device=generator.device)
+    u = torch.sigmoid(train.timestep_mean + train.timestep_std * z)
+    return (u * NUM_TIMESTEPS).long().clamp_(0, NUM_TIMESTEPS - 1)
 
 
 def ensure_output_dir(output: Path) -> None:
@@ -371,7 +392,7 @@ def train(
         weight_decay=recipe.optim.weight_decay,
         fused=acc.device.type == "cuda",
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(recipe.optim.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(recipe.optim, recipe.train.steps))
     position = Position()
 
     start = resolve_resume(resume, output)
@@ -420,7 +441,7 @@ def train(
                 epoch, next_batch, batch = next(data)
                 x0 = batch["x0"]
                 b = x0.shape[0]
-                t, noise, drop = _draws(seed, step, micro, x0, world, rank, recipe.train.caption_dropout)
+                t, noise, drop = _draws(seed, step, micro, x0, world, rank, recipe.train)
                 x_t = diffusion.q_sample(x0, t, noise)
                 sync = contextlib.nullcontext() if micro == accumulation - 1 else acc.no_sync(model)
                 with sync, acc.autocast():
@@ -510,7 +531,7 @@ def train(
 
 
 def _draws(
-    seed: int, step: int, micro: int, x0: torch.Tensor, world: int, rank: int, dropout: float
+    seed: int, step: int, micro: int, x0: torch.Tensor, world: int, rank: int, train: TrainSection
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Timesteps, noise and caption-dropout flags for this process's slice of the global micro-batch.
 
@@ -521,9 +542,9 @@ def _draws(
     g = step_generator(seed, step, micro, _TRAIN_STREAM, device=x0.device)
     b = x0.shape[0]
     mine = slice(rank * b, (rank + 1) * b)
-    t = torch.randint(0, NUM_TIMESTEPS, (world * b,), generator=g, device=x0.device)[mine]
+    t = draw_timesteps(world * b, g, train)[mine]
     noise = torch.randn((world * b, *x0.shape[1:]), generator=g, device=x0.device, dtype=x0.dtype)[mine]
-    drop = (torch.rand(world * b, generator=g, device=x0.device) < dropout)[mine]
+    drop = (torch.rand(world * b, generator=g, device=x0.device) < train.caption_dropout)[mine]
     return t, noise, drop
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -434,3 +435,56 @@ def test_caption_init_xavier_applies_only_to_a_fresh_caption_projection(tmp_path
         pixart.y_embedder.y_proj.fc1.weight.fill_(0.5)
     save_checkpoint(Checkpoint(recipe.model_config(), pixart.state_dict(), None, CheckpointMeta()), tmp_path / "p")
     assert fc1_std(f"model.init={tmp_path / 'p'}", "model.caption_init=xavier") == 0.0  # all 0.5: kept
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_final_fraction():
+    from pixart_cli.recipe import OptimSection
+    from pixart_cli.train import lr_multiplier
+
+    constant = lr_multiplier(OptimSection(warmup_steps=4), total_steps=20)
+    assert [constant(s) for s in (0, 3, 4, 19, 100)] == [0.25, 1.0, 1.0, 1.0, 1.0]
+    for decay in ("cosine", "linear"):
+        f = lr_multiplier(OptimSection(warmup_steps=4, decay=decay, final_lr_fraction=0.1), total_steps=104)
+        values = [f(s) for s in range(104)]
+        assert values[3] == 1.0 and values[4] == 1.0
+        assert all(a >= b for a, b in itertools.pairwise(values[4:]))  # never rises after warm-up
+        assert values[54] == pytest.approx(0.55) and f(104) == pytest.approx(0.1) and f(10**6) == pytest.approx(0.1)
+    no_warmup = lr_multiplier(OptimSection(warmup_steps=0, decay="linear"), total_steps=10)
+    assert no_warmup(0) == 1.0 and no_warmup(5) == pytest.approx(0.5)
+
+
+def test_timestep_sampling_uniform_keeps_its_stream_and_logit_normal_favours_the_middle():
+    from pixart_cli.recipe import TrainSection
+    from pixart_cli.train import draw_timesteps
+
+    uniform = draw_timesteps(4096, torch.Generator().manual_seed(3), TrainSection())
+    assert torch.equal(uniform, torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(3)))
+    t = draw_timesteps(100_000, torch.Generator().manual_seed(0), TrainSection(timesteps="logit-normal"))
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
+    assert abs(t.float().mean().item() - 500) < 5
+    assert ((t >= 200) & (t < 800)).float().mean().item() == pytest.approx(0.83, abs=0.01)  # uniform: 0.60
+    shifted = TrainSection(timesteps="logit-normal", timestep_mean=1.0)
+    late = draw_timesteps(10_000, torch.Generator().manual_seed(0), shifted)
+    assert late.float().mean().item() > 600
+
+
+def test_schedule_and_timestep_options_are_validated_and_train(world, tmp_path):
+    stage2 = str(ROOT / "recipes" / "stage2.yaml")
+    one_line_error(
+        runner.invoke(app, ["train", stage2, "--dry-run", "--set", "optim.decay=exponential"]), "optim.decay"
+    )
+    one_line_error(
+        runner.invoke(app, ["train", stage2, "--dry-run", "--set", "optim.final_lr_fraction=2"]), "final_lr_fraction"
+    )
+    one_line_error(runner.invoke(app, ["train", stage2, "--dry-run", "--set", "train.timestep_std=0"]), "timestep_std")
+    dry = runner.invoke(
+        app, ["train", stage2, "--dry-run", "--set", "optim.decay=cosine", "--set", "train.timesteps=logit-normal"]
+    )
+    assert "cosine decay" in dry.output and "logit-normal(0, 1)" in dry.output
+    run = tmp_path / "run"
+    options = ["--set", "optim.decay=linear", "--set", "optim.warmup_steps=0", "--set", "train.timesteps=logit-normal"]
+    options += ["--set", "log.every=1"]
+    result = runner.invoke(app, ["train", stage2, *stage2_args(world, run, steps=6), *options])
+    assert result.exit_code == 0, result.output
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+    assert len(lrs) == 6 and lrs[-1] < lrs[0]

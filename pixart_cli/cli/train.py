@@ -26,7 +26,7 @@ def train(
     ] = False,
 ) -> None:
     """Train one stage described by a recipe (runs unchanged under `accelerate launch` and `torchrun`)."""
-    from pixart_cli.plan import describe_model, plan
+    from pixart_cli.plan import describe_model, describe_schedule, plan
     from pixart_cli.recipe import load_recipe
 
     overrides = tuple(overrides or ())
@@ -46,6 +46,7 @@ def train(
             ),
             ("steps", f"{p.steps:,} ({p.images:,} images)"),
             ("learning rate", f"{p.learning_rate:.3g} ({recipe.optim.lr_scaling} scaling of {recipe.optim.lr:g})"),
+            ("schedule", describe_schedule(recipe)),
             ("memory / GPU", f"≈ {p.memory_gib:.1f} GiB (estimate: training state + activations)"),
             ("init", recipe.model.init or "fresh"),
             ("output", recipe.output.dir),
