@@ -526,3 +526,21 @@ def test_prepare_cli_errors(tmp_path, tiny_models, args, message):
     result = runner.invoke(app, ["prepare", *(paths.get(a, a) for a in args), "--workers", "0", "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_prepare_from_a_recipe_sizes_buckets_by_the_vaes_own_downsampling(tmp_path, tiny_t5):
+    from pixart_cli.tiny import make_tiny_vae
+
+    vae = make_tiny_vae(tmp_path / "vae", block_out_channels=(8, 8, 8))  # 4× downsampling, not the SD VAE's 8×
+    data = caption_folder(tmp_path / "data", sizes=((32, 32),))
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "stage2.yaml"
+    overrides = [
+        f"data.path={data}", f"data.cache={tmp_path / 'cache'}", f"data.vae={vae}", f"data.text_encoder={tiny_t5}",
+        "data.resolution=32", "data.kind=captions", "model.config={max_length: 32}",
+    ]  # fmt: skip
+    args = ["prepare", str(recipe), *(a for o in overrides for a in ("--set", o)), "--workers", "0", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "cache" / "index.json").read_text())["settings"]
+    assert settings["bucket_multiple"] == 4 * 2  # XL/2: patch 2 of a 4× VAE's latent pixels
+    assert CachedDataset(tmp_path / "cache")[0]["latent_mean"].shape == (4, 8, 8)

@@ -91,6 +91,7 @@ def prepare(
 
     bucket_multiple = None
     if data.suffix in (".yaml", ".yml"):
+        from pixart_cli.components import load_autoencoder
         from pixart_cli.models import DiTConfig
         from pixart_cli.recipe import load_recipe
         from pixart_cli.train_data import ensure_shapes_dataset
@@ -107,7 +108,11 @@ def prepare(
         vae = vae or recipe.data.vae
         resolution, multi_scale, kind = recipe.data.resolution, recipe.data.multi_scale, Kind(recipe.data.kind)
         max_length = getattr(config, "max_length", max_length)
-        bucket_multiple = (1 if vae.strip().lower() == "none" else 8) * config.patch_size
+        # Buckets must tile into whole patches of latent pixels: the encoder's own downsampling × the patch size.
+        quiet_hub_libraries()
+        autoencoder = load_autoencoder(vae, dtype=dtype.torch if dtype else None, device=resolve_device(device))
+        bucket_multiple = autoencoder.downsample * config.patch_size
+        vae = autoencoder
         if max_bad_fraction is None:
             max_bad_fraction = recipe.data.max_bad_fraction
         data = Path(recipe.data.path)
