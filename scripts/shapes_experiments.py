@@ -7,6 +7,8 @@ Arms (all the shipped recipes/shapes/stage2.yaml with overrides, so each differs
 * ``scratch-dense-official`` from scratch with the official caption-projection init instead of the recipe's xavier.
 * ``dit-sparse``    from the DiT, sparse alt-text-like captions of the same scenes (claim b: dense captions pay).
 * ``scratch-sparse`` sparse captions from a fresh initialisation (claim b without the stage-1 DiT).
+* ``scratch-dense-cosine`` from scratch with the lr annealed by a cosine to 0 at the last step (beyond the paper).
+* ``scratch-dense-logitnormal-cosine`` the same with logit-normal(0, 1) training timesteps instead of uniform.
 
 Every ``--eval-every`` steps the checkpoint is scored on the first ``--limit`` held-out prompts (one image each,
 20 DPM-Solver steps, CFG 4.5), which gives accuracy against training time. Results are appended to
@@ -46,6 +48,8 @@ ARMS: dict[str, list[str]] = {
     "scratch-dense-official": ["model.init=null", "model.caption_init=official"],
     "dit-sparse": SPARSE,
     "scratch-sparse": ["model.init=null", *SPARSE],
+    "scratch-dense-cosine": ["model.init=null", "optim.decay=cosine"],
+    "scratch-dense-logitnormal-cosine": ["model.init=null", "optim.decay=cosine", "train.timesteps=logit-normal"],
 }
 REPORTED = ("color", "shape", "spatial", "complex")
 

@@ -77,3 +77,15 @@ def test_shipped_model_level_does_not_regress():
     report = score_images(images, [p.spec for p in prompts])
     for category, level in SHIPPED_LEVEL.items():
         assert report.categories[category] >= level, (category, report.categories)
+
+
+def test_shape_word_probe_runs_on_the_demo():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "shape_word_probe.py"
+    args = ["builtin:shapes-demo", "--scenes", "4", "--t0", "300", "--steps", "10", "--word", "colour"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "t0= 300  true caption: colour right" in result.stdout and "follows the caption" in result.stdout
