@@ -39,7 +39,7 @@ model output is fine.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -160,9 +160,26 @@ class GaussianDiffusion:
     # Forward process and posterior
     # ----------------------------------------------------------------------------------------------------------------
 
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """Uniform integer timesteps in [0, num_timesteps), shape (batch_size,), on the generator's device."""
-        return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=generator.device)
+    def sample_timesteps(
+        self,
+        batch_size: int,
+        generator: torch.Generator,
+        kind: Literal["uniform", "logit-normal"] = "uniform",
+        mean: float = 0.0,
+        std: float = 1.0,
+    ) -> torch.Tensor:
+        """Integer timesteps in [0, num_timesteps), shape (batch_size,), on the generator's device.
+
+        ``uniform`` (the paper), or ``logit-normal``: t / num_timesteps = sigmoid(N(mean, std)), which favours middle
+        noise levels (SD3, Esser et al. 2024).
+        """
+        device = generator.device
+        if kind == "uniform":
+            return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=device)
+        if kind != "logit-normal":
+            raise ValueError(f"timestep sampling must be 'uniform' or 'logit-normal', got {kind!r}")
+        u = torch.sigmoid(mean + std * torch.randn(batch_size, generator=generator, device=device))
+        return (u * self.num_timesteps).long().clamp_(0, self.num_timesteps - 1)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · noise, in at least float32."""

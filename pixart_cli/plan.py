@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from pixart_cli.checkpoint import build_model
+from pixart_cli.config import to_dict
 from pixart_cli.errors import PixartError
-from pixart_cli.models import DIT_VARIANTS, PIXART_VARIANTS, DiTConfig
+from pixart_cli.models import DiTConfig
 from pixart_cli.recipe import Recipe
 
 GIB = 1024**3
@@ -115,8 +116,9 @@ def describe_model(recipe: Recipe) -> str:
         if isinstance(config, DiTConfig)
         else ("PixArtMS (multi-scale)" if config.multi_scale else "PixArt")
     )
-    base = (PIXART_VARIANTS if recipe.model.architecture == "PixArt" else DIT_VARIANTS)[recipe.model.variant]
-    changed = sorted(k for k, v in recipe.model.config.items() if getattr(base, k, None) != v)
+    base = recipe.model.variants()[recipe.model.variant]
+    # multi_scale follows the data, not the variant: a multi-scale run of a named variant is still that variant.
+    changed = {**to_dict(config), "multi_scale": None} != {**to_dict(base), "multi_scale": None}
     name = f"custom (from {recipe.model.variant})" if changed else recipe.model.variant
     return f"{name} {kind}: depth {config.depth}, width {config.hidden_size}, patch {config.patch_size}"
 

@@ -47,8 +47,12 @@ class ModelSection:
     # docs/shapes-experiments.md). Ignored when the projection comes from a PixArt checkpoint.
     caption_init: Literal["official", "xavier"] = "official"
 
+    def variants(self) -> dict[str, PixArtConfig | DiTConfig]:
+        """The named variants of this architecture."""
+        return PIXART_VARIANTS if self.architecture == "PixArt" else DIT_VARIANTS
+
     def __post_init__(self) -> None:
-        known = PIXART_VARIANTS if self.architecture == "PixArt" else DIT_VARIANTS
+        known = self.variants()
         if self.variant not in known:
             raise ValueError(
                 f"variant: unknown {self.architecture} variant {self.variant!r} (known: {', '.join(known)})"
@@ -211,7 +215,7 @@ class Recipe:
     # -- derived quantities ---------------------------------------------------------------------------------------
     def model_config(self) -> PixArtConfig | DiTConfig:
         """The variant with `model.config` overrides applied and validated (multi_scale follows the data)."""
-        base = (PIXART_VARIANTS if self.model.architecture == "PixArt" else DIT_VARIANTS)[self.model.variant]
+        base = self.model.variants()[self.model.variant]
         merged = {**to_dict(base), **self.model.config}
         if isinstance(base, PixArtConfig) and "multi_scale" not in self.model.config:
             merged["multi_scale"] = self.data.multi_scale  # the variants' default (False) must not win

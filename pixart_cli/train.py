@@ -298,15 +298,6 @@ def lr_multiplier(optim: OptimSection, total_steps: int) -> Callable[[int], floa
     return multiplier
 
 
-def draw_timesteps(n: int, generator: torch.Generator, train: TrainSection) -> torch.Tensor:
-    """``n`` integer training timesteps in [0, NUM_TIMESTEPS) as ``train.timesteps`` says, on the generator's device."""
-    if train.timesteps == "uniform":
-        return torch.randint(0, NUM_TIMESTEPS, (n,), generator=generator, device=generator.device)
-    z = torch.randn(n, generator=generator, device=generator.device)
-    u = torch.sigmoid(train.timestep_mean + train.timestep_std * z)
-    return (u * NUM_TIMESTEPS).long().clamp_(0, NUM_TIMESTEPS - 1)
-
-
 def ensure_output_dir(output: Path) -> None:
     """Create ``output.dir`` and prove it writable now, not at the first checkpoint hours later."""
     try:
@@ -441,7 +432,7 @@ def train(
                 epoch, next_batch, batch = next(data)
                 x0 = batch["x0"]
                 b = x0.shape[0]
-                t, noise, drop = _draws(seed, step, micro, x0, world, rank, recipe.train)
+                t, noise, drop = _draws(seed, step, micro, x0, world, rank, recipe.train, diffusion)
                 x_t = diffusion.q_sample(x0, t, noise)
                 sync = contextlib.nullcontext() if micro == accumulation - 1 else acc.no_sync(model)
                 with sync, acc.autocast():
@@ -531,7 +522,14 @@ def train(
 
 
 def _draws(
-    seed: int, step: int, micro: int, x0: torch.Tensor, world: int, rank: int, train: TrainSection
+    seed: int,
+    step: int,
+    micro: int,
+    x0: torch.Tensor,
+    world: int,
+    rank: int,
+    train: TrainSection,
+    diffusion: GaussianDiffusion,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Timesteps, noise and caption-dropout flags for this process's slice of the global micro-batch.
 
@@ -542,7 +540,7 @@ def _draws(
     g = step_generator(seed, step, micro, _TRAIN_STREAM, device=x0.device)
     b = x0.shape[0]
     mine = slice(rank * b, (rank + 1) * b)
-    t = draw_timesteps(world * b, g, train)[mine]
+    t = diffusion.sample_timesteps(world * b, g, train.timesteps, train.timestep_mean, train.timestep_std)[mine]
     noise = torch.randn((world * b, *x0.shape[1:]), generator=g, device=x0.device, dtype=x0.dtype)[mine]
     drop = (torch.rand(world * b, generator=g, device=x0.device) < train.caption_dropout)[mine]
     return t, noise, drop

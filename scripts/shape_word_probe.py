@@ -39,9 +39,10 @@ def denoise_from(model, images: torch.Tensor, t0: int, captions, null, *, steps:
     timesteps = [t for t in scheduler.timesteps.tolist() if t <= t0]
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     x = scheduler.add_noise(images, noise, torch.tensor([timesteps[0]]))
-    denoiser = classifier_free_guidance(lambda x, t, c: call_model(model, x, t, c), captions, null, cfg, 3)
+    channels = images.shape[1]
+    denoiser = classifier_free_guidance(lambda x, t, c: call_model(model, x, t, c), captions, null, cfg, channels)
     for t in timesteps:
-        x = scheduler.step(denoiser(x, torch.tensor(t))[:, :3], t, x, return_dict=False)[0]
+        x = scheduler.step(denoiser(x, torch.tensor(t))[:, :channels], t, x, return_dict=False)[0]
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 

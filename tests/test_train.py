@@ -454,17 +454,16 @@ def test_lr_schedule_warms_up_then_decays_to_the_final_fraction():
 
 
 def test_timestep_sampling_uniform_keeps_its_stream_and_logit_normal_favours_the_middle():
-    from pixart_cli.recipe import TrainSection
-    from pixart_cli.train import draw_timesteps
+    from pixart_cli.diffusion import GaussianDiffusion
 
-    uniform = draw_timesteps(4096, torch.Generator().manual_seed(3), TrainSection())
+    diffusion = GaussianDiffusion(1000)
+    uniform = diffusion.sample_timesteps(4096, torch.Generator().manual_seed(3))
     assert torch.equal(uniform, torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(3)))
-    t = draw_timesteps(100_000, torch.Generator().manual_seed(0), TrainSection(timesteps="logit-normal"))
+    t = diffusion.sample_timesteps(100_000, torch.Generator().manual_seed(0), "logit-normal")
     assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
     assert abs(t.float().mean().item() - 500) < 5
     assert ((t >= 200) & (t < 800)).float().mean().item() == pytest.approx(0.83, abs=0.01)  # uniform: 0.60
-    shifted = TrainSection(timesteps="logit-normal", timestep_mean=1.0)
-    late = draw_timesteps(10_000, torch.Generator().manual_seed(0), shifted)
+    late = diffusion.sample_timesteps(10_000, torch.Generator().manual_seed(0), "logit-normal", mean=1.0)
     assert late.float().mean().item() > 600
 
 
