@@ -35,7 +35,7 @@ from pixart_cli.checkpoint import (
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_directory, atomic_file, load_torch_file
 from pixart_cli.models import PixArtConfig, heads_for_width
-from pixart_cli.models.layers import sincos_pos_embed_2d
+from pixart_cli.models.layers import PREDICTION_TYPES, sincos_pos_embed_2d
 
 SourceFormat = Literal["pixart", "official", "diffusers-transformer", "diffusers-pipeline", "dit"]
 TargetFormat = Literal["pixart", "official", "diffusers"]
@@ -395,6 +395,8 @@ def read_diffusers(path: str | Path, max_length: int = 120) -> Checkpoint:
     if cfg.get("_class_name", "PixArtTransformer2DModel") != "PixArtTransformer2DModel":
         raise PixartError(f"{directory}: a {cfg.get('_class_name')}, not a PixArtTransformer2DModel")
     config = config_from_diffusers(cfg, max_length, str(directory / "config.json"))
+    if directory != path:  # a pipeline's scheduler says what the transformer predicts
+        config = dataclasses.replace(config, prediction_type=_pipeline_prediction_type(path))
     ours = diffusers_to_ours(_read_diffusers_weights(directory), config)
     check_state_dict(ours, config, str(directory))
     meta = CheckpointMeta(null_caption="t5-empty", source=f"diffusers {path.name}")
@@ -406,6 +408,17 @@ def read_diffusers(path: str | Path, max_length: int = 120) -> Checkpoint:
             source=f"diffusers pipeline {path.name}",
         )
     return Checkpoint(config, ours, None, meta)
+
+
+def _pipeline_prediction_type(pipeline: Path) -> str:
+    path = pipeline / "scheduler" / "scheduler_config.json"
+    try:
+        prediction_type = json.loads(path.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
+    except (OSError, ValueError, AttributeError):  # no scheduler, or not a JSON object: diffusers' default
+        return "epsilon"
+    if prediction_type not in PREDICTION_TYPES:
+        raise PixartError(f"{path}: prediction_type {prediction_type!r} is not supported (expected {PREDICTION_TYPES})")
+    return prediction_type
 
 
 def read_any(
@@ -431,7 +444,18 @@ def read_any(
 #################################################################################
 
 
+def _check_records_prediction(checkpoint: Checkpoint, target: str) -> None:
+    """Refuse a v-prediction model where ``target`` has no place to say so: it would sample as ε and fail silently."""
+    if checkpoint.config.prediction_type != "epsilon":
+        raise PixartError(
+            f"this model predicts {checkpoint.config.prediction_type}, which {target} cannot record "
+            "(it would be sampled as an epsilon model); convert to pixart, or to a full diffusers pipeline "
+            "with --t5 and --vae, whose scheduler records it"
+        )
+
+
 def write_official(checkpoint: Checkpoint, dst: str | Path, overwrite: bool = False) -> Path:
+    _check_records_prediction(checkpoint, "the official .pth format")
     payload = {"state_dict": ours_to_official(checkpoint.state_dict, checkpoint.config)}
     if checkpoint.ema_state_dict is not None:
         payload["state_dict_ema"] = ours_to_official(checkpoint.ema_state_dict, checkpoint.config)
@@ -460,6 +484,8 @@ def write_diffusers(
     """A ``PixArtTransformer2DModel`` directory, or with ``t5`` and ``vae`` a full ``PixArtAlphaPipeline``."""
     if (t5 is None) != (vae is None):
         raise PixartError("a diffusers pipeline needs both --t5 and --vae (or neither, for the transformer only)")
+    if t5 is None:
+        _check_records_prediction(checkpoint, "a diffusers transformer directory")
     transformer = _diffusers_transformer(checkpoint.state_dict, checkpoint.config)
     if t5 is None:
         with atomic_directory(dst, overwrite=overwrite) as tmp:
@@ -475,7 +501,9 @@ def write_diffusers(
         text_encoder=text_encoder,
         vae=load_vae(vae),
         transformer=transformer,
-        scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG),
+        scheduler=DPMSolverMultistepScheduler(
+            **{**PIXART_SCHEDULER_CONFIG, "prediction_type": checkpoint.config.prediction_type}
+        ),
     )
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)

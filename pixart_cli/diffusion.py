@@ -14,8 +14,13 @@ Posterior, with β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) and ᾱ_{−1}
     c1_t = β_t √ᾱ_{t−1} / (1 − ᾱ_t),   c2_t = (1 − ᾱ_{t−1}) √(1 − β_t) / (1 − ᾱ_t)
 
 Model, p(x_{t−1} | x_t) = N(μ_θ, Σ_θ): the network predicts ε (first C channels), from which
-x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t and μ_θ is the posterior mean at x̂_0. When ``learn_sigma`` it also predicts
-v (last C channels, nominally in [−1, 1]) and, with frac = (v + 1) / 2 (IDDPM eq. 15)::
+x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t and μ_θ is the posterior mean at x̂_0. With ``prediction_type="v_prediction"``
+those channels predict v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 instead (Salimans & Ho 2022, arXiv 2202.00512), so that
+ε = √ᾱ_t v + √(1 − ᾱ_t) x_t, and the MSE below is taken on v: per step that is the ε error weighted by
+1 / ᾱ_t = 1 + 1 / SNR_t, which gives the high-noise steps, where the layout is decided, far more weight.
+
+When ``learn_sigma`` the network also predicts IDDPM's variance interpolation v (last C channels, nominally in
+[−1, 1]; not the velocity above) and, with frac = (v + 1) / 2 (IDDPM eq. 15)::
 
     log Σ_θ = frac · log β_t + (1 − frac) · log β̃_t^clipped
 
@@ -23,7 +28,7 @@ where β̃^clipped is β̃ with its first entry (β̃_0 = 0) replaced by β̃_1,
 
 Training loss (IDDPM "hybrid", L_simple + λ L_vlb with λ = 1 for 1000 steps)::
 
-    loss = mean(‖ε − ε_θ‖²) + L_vlb(t)
+    loss = mean(‖ε − ε_θ‖²) + L_vlb(t)            (‖v − v_θ‖² with v-prediction)
 
 L_vlb is in bits per dimension and is computed with μ_θ built from a *detached* ε_θ, so it trains only the
 variance channels (IDDPM §3.1: L_simple drives the mean, L_vlb the variance). For t > 0 it is
@@ -42,6 +47,8 @@ import math
 from typing import Literal, NamedTuple
 
 import torch
+
+from pixart_cli.models.layers import PREDICTION_TYPES, PredictionType
 
 # Each term of the VLB is divided by this to express it in bits rather than nats.
 LOG_2 = math.log(2.0)
@@ -89,14 +96,19 @@ class MeanVariance(NamedTuple):
 
 
 class GaussianDiffusion:
-    """IDDPM diffusion with a linear beta schedule, epsilon prediction and (optionally) learned-range variance.
+    """IDDPM diffusion with a linear beta schedule, epsilon (or v) prediction and optional learned-range variance.
 
     Without ``learn_sigma`` the model outputs ε only, the loss is the MSE alone, and the reverse variance is
     IDDPM's "fixed large" choice (β_t, with β̃_1 at t = 0), the default of IDDPM and DiT for that case.
     """
 
     def __init__(
-        self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, learn_sigma: bool = True
+        self,
+        num_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        learn_sigma: bool = True,
+        prediction_type: PredictionType = "epsilon",
     ) -> None:
         if num_timesteps < 2:
             raise ValueError(f"num_timesteps must be at least 2, got {num_timesteps}")
@@ -105,7 +117,10 @@ class GaussianDiffusion:
         self.num_timesteps = num_timesteps
         self.beta_start = beta_start
         self.beta_end = beta_end
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.learn_sigma = learn_sigma
+        self.prediction_type = prediction_type
 
         f64 = torch.float64
         self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=f64)
@@ -211,7 +226,10 @@ class GaussianDiffusion:
     def split_model_output(
         self, model_output: torch.Tensor, x_t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(ε, v) from a (B, 2C, ...) output when ``learn_sigma``, else (ε, None) from a (B, C, ...) one."""
+        """(prediction, v) from a (B, 2C, ...) output when ``learn_sigma``, else (prediction, None) from (B, C, ...).
+
+        The prediction is ε or, with v-prediction, the velocity (``epsilon`` converts it); v is the variance channel.
+        """
         channels = x_t.shape[1]
         expected = 2 * channels if self.learn_sigma else channels
         if model_output.shape[0] != x_t.shape[0] or model_output.shape[1] != expected:
@@ -220,9 +238,27 @@ class GaussianDiffusion:
                 f"expected {expected} channels (learn_sigma={self.learn_sigma})"
             )
         if self.learn_sigma:
-            eps, v = model_output.split(channels, dim=1)
-            return eps, v
+            prediction, v = model_output.split(channels, dim=1)
+            return prediction, v
         return model_output, None
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the model's first C channels regress on x_t = q_sample(x0, t, noise): ε, or √ᾱ_t ε − √(1 − ᾱ_t) x0."""
+        if self.prediction_type == "epsilon":
+            return noise
+        return (
+            self._gather(self.sqrt_alphas_cumprod, t, x0) * noise
+            - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        )
+
+    def epsilon(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε from the model's first C channels: themselves, or from v as √ᾱ_t v + √(1 − ᾱ_t) x_t."""
+        if self.prediction_type == "epsilon":
+            return prediction
+        return (
+            self._gather(self.sqrt_alphas_cumprod, t, x_t) * prediction
+            + self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+        )
 
     def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> MeanVariance:
         """The model's p(x_{t−1} | x_t): mean from ε, log-variance from v (learned range) or fixed large.
@@ -232,7 +268,8 @@ class GaussianDiffusion:
         self._check_timesteps(t, x_t)
         dtype = self._compute_dtype(model_output, x_t)
         model_output, x_t = model_output.to(dtype), x_t.to(dtype)
-        eps, v = self.split_model_output(model_output, x_t)
+        prediction, v = self.split_model_output(model_output, x_t)
+        eps = self.epsilon(prediction, x_t, t)
 
         if v is None:
             log_variance = self._gather(self.fixed_large_log_variance, t, x_t).expand_as(x_t)
@@ -274,14 +311,14 @@ class GaussianDiffusion:
         dtype = self._compute_dtype(model_output, x0, noise)
         model_output, x0, noise = model_output.to(dtype), x0.to(dtype), noise.to(dtype)
         x_t = self.q_sample(x0, t, noise)
-        eps, v = self.split_model_output(model_output, x_t)
-        mse = mean_flat((noise - eps) ** 2)
+        prediction, v = self.split_model_output(model_output, x_t)
+        mse = mean_flat((self.target(x0, t, noise) - prediction) ** 2)
 
         if v is None:
             vb = torch.zeros_like(mse)
         else:
-            # Freeze ε so the VLB trains only the variance; the mean is left to the MSE (IDDPM §3.1).
-            frozen = torch.cat([eps.detach(), v], dim=1)
+            # Freeze the mean so the VLB trains only the variance; the mean is left to the MSE (IDDPM §3.1).
+            frozen = torch.cat([prediction.detach(), v], dim=1)
             # The full-L_vlb estimate is T · L_t; IDDPM divides it by 1000 (weight 1 at T = 1000) so that it does
             # not swamp the MSE.
             vb = self.vb_terms_bits(frozen, x0, x_t, t) * (self.num_timesteps / 1000.0)

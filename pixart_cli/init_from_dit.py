@@ -130,6 +130,7 @@ def reparameterise(
         input_size=config.input_size,
         in_channels=config.in_channels,
         learn_sigma=config.learn_sigma,
+        prediction_type=config.prediction_type,
         mlp_ratio=config.mlp_ratio,
         caption_channels=caption_channels,
         max_length=max_length,

@@ -117,10 +117,13 @@ def describe_model(recipe: Recipe) -> str:
         else ("PixArtMS (multi-scale)" if config.multi_scale else "PixArt")
     )
     base = recipe.model.variants()[recipe.model.variant]
-    # multi_scale follows the data, not the variant: a multi-scale run of a named variant is still that variant.
-    changed = {**to_dict(config), "multi_scale": None} != {**to_dict(base), "multi_scale": None}
+    # multi_scale follows the data, not the variant: a multi-scale run of a named variant is still that variant;
+    # what the model predicts is not its shape either.
+    ignored = {"multi_scale": None, "prediction_type": None}
+    changed = {**to_dict(config), **ignored} != {**to_dict(base), **ignored}
     name = f"custom (from {recipe.model.variant})" if changed else recipe.model.variant
-    return f"{name} {kind}: depth {config.depth}, width {config.hidden_size}, patch {config.patch_size}"
+    predicts = "" if config.prediction_type == "epsilon" else f", predicts {config.prediction_type}"
+    return f"{name} {kind}: depth {config.depth}, width {config.hidden_size}, patch {config.patch_size}{predicts}"
 
 
 def describe_schedule(recipe: Recipe) -> str:

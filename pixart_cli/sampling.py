@@ -5,7 +5,7 @@ Layers, from the bottom:
 * ``make_scheduler`` / ``sample``: every solver is a diffusers scheduler on the training noise schedule (1000
   linear betas 1e-4..0.02) and runs through the same loop with the same signature.
 * ``classifier_free_guidance``: wraps a conditional model call into a ``Denoiser`` (x_t, t) → output; guidance is
-  applied to the epsilon channels in one batched forward, the learned-variance channels come from the
+  applied to the ε (or v) channels in one batched forward, the learned-variance channels come from the
   conditional branch (as in the official samplers).
 * ``sample_latents``: precomputed caption features + initial noise → final latents (used by the parity tests).
 * ``Pipeline``: prompts → PIL images, from a checkpoint directory, a diffusers pipeline or an official ``.pth``.
@@ -40,12 +40,13 @@ from pixart_cli.convert import PIXART_SCHEDULER_CONFIG
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_file, png_is_complete, remove_stale_temporaries
 from pixart_cli.models import PixArtConfig
+from pixart_cli.models.layers import PredictionType
 from pixart_cli.text import Captions, TextEncoder
 
 logger = logging.getLogger(__name__)
 
 NullCaption = Literal["embedding", "t5-empty"]
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output (epsilon[, variance])
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output (ε or v[, variance])
 
 DEFAULT_CFG = 4.5
 
@@ -84,8 +85,10 @@ def check_sampler(sampler: str) -> SamplerSpec:
     return SAMPLERS[sampler]
 
 
-def make_scheduler(sampler: str, learned_variance: bool = True, clip_x0: bool = False):
-    """A fresh diffusers scheduler for ``sampler`` on the training noise schedule.
+def make_scheduler(
+    sampler: str, learned_variance: bool = True, clip_x0: bool = False, prediction_type: PredictionType = "epsilon"
+):
+    """A fresh diffusers scheduler for ``sampler`` on the training noise schedule, for an ε or v model.
 
     ``learned_variance``: whether the model predicts the variance (``iddpm`` then uses it; without it, the
     posterior variance, as IDDPM's fixed-small option). ``clip_x0``: clip each step's predicted clean image to
@@ -96,16 +99,17 @@ def make_scheduler(sampler: str, learned_variance: bool = True, clip_x0: bool = 
 
     # Dynamic thresholding capped at 1.0 is a plain clip to [-1, 1] (the quantile is floored at 1).
     threshold = {"thresholding": True, "sample_max_value": 1.0} if clip_x0 else {}
-    if sampler == "dpm-solver":
-        return DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG, **threshold)  # the public checkpoints' config
+    schedule = {**NOISE_SCHEDULE, "prediction_type": prediction_type}
+    if sampler == "dpm-solver":  # the public checkpoints' config
+        return DPMSolverMultistepScheduler(**{**PIXART_SCHEDULER_CONFIG, **schedule}, **threshold)
     if sampler == "sa-solver":
-        return SASolverScheduler(**NOISE_SCHEDULE, predictor_order=2, corrector_order=2, **threshold)
+        return SASolverScheduler(**schedule, predictor_order=2, corrector_order=2, **threshold)
     if sampler == "ddim":
         # Offset 1 and no alpha=1 at the end: the usual choice for a 1000-step linear schedule (Stable Diffusion's).
-        return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=clip_x0, set_alpha_to_one=False, steps_offset=1)
+        return DDIMScheduler(**schedule, clip_sample=clip_x0, set_alpha_to_one=False, steps_offset=1)
     # "linspace" rounds evenly spaced steps over [0, 999], which is IDDPM's own respacing ("100").
     return DDPMScheduler(
-        **NOISE_SCHEDULE,
+        **schedule,
         variance_type="learned_range" if learned_variance else "fixed_small",
         clip_sample=clip_x0,
         timestep_spacing="linspace",
@@ -121,24 +125,30 @@ def sample(
     generators: list[torch.Generator] | None = None,
     learned_variance: bool = False,
     clip_x0: bool = False,
+    prediction_type: PredictionType = "epsilon",
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Run ``sampler`` for ``steps`` from ``noise`` (B, C, H, W); the one loop every solver shares.
 
-    ``denoiser`` returns epsilon, or epsilon and the learned-variance channels (2C); solvers that do not use the
-    variance get epsilon only. ``generators`` (one per image) feed stochastic solvers. ``callback(step, steps)``
-    after each step. The state is kept in float32 whatever the model's dtype.
+    ``denoiser`` returns the model's prediction (ε or v, as ``prediction_type`` says), alone or with the
+    learned-variance channels (2C); solvers that do not use the variance get the prediction only.
+    ``generators`` (one per image) feed stochastic solvers. ``callback(step, steps)`` after each step. The state
+    is kept in float32 whatever the model's dtype.
     """
     spec = check_sampler(sampler)
     steps = spec.default_steps if steps is None else steps
     if steps <= 0:
         raise PixartError(f"steps must be positive, got {steps}")
-    scheduler = make_scheduler(sampler, learned_variance, clip_x0)
+    scheduler = make_scheduler(sampler, learned_variance, clip_x0, prediction_type)
     scheduler.set_timesteps(steps, device=noise.device)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     channels = noise.shape[1]
     step_kwargs = {"generator": generators} if spec.stochastic and generators is not None else {}
+    if sampler == "ddim" and clip_x0:
+        # Re-derive ε from the clipped image, as the other solvers do implicitly: DDIM otherwise moves x along the
+        # unclipped ε, which guidance can make huge (a pixel model at CFG 4.5 then ends in noise).
+        step_kwargs["use_clipped_model_output"] = True
     x = noise.float() * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
@@ -199,8 +209,9 @@ def classifier_free_guidance(
 ) -> Denoiser:
     """Guide ``model_fn(x, t, captions)``: eps = eps_u + scale·(eps_c − eps_u), in one batched forward.
 
-    Only the first ``channels`` (epsilon) are guided; the rest (learned variance) come from the conditional
-    branch. ``scale == 1`` (or no ``uncond``) is plain conditional sampling with a single forward.
+    Only the first ``channels`` (ε, or v: guidance is the same affine mix either way) are guided; the rest
+    (learned variance) come from the conditional branch. ``scale == 1`` (or no ``uncond``) is plain conditional
+    sampling with a single forward.
     """
     if uncond is None or scale == 1.0:
         cond = cond.trimmed()
@@ -252,6 +263,7 @@ def sample_latents(
         generators=generators,
         learned_variance=model.config.learn_sigma,
         clip_x0=clip_x0,
+        prediction_type=model.config.prediction_type,
         callback=callback,
     )
 

@@ -149,6 +149,7 @@ class InitialWeights(NamedTuple):
     fresh: list[str]  # keys the weights lack, initialised fresh (multi-scale embedders)
     description: str  # one line for the log
     new_caption_path: bool  # the caption projection starts fresh (from scratch, or from a DiT)
+    prediction_type: str | None = None  # what the source model predicts (None: a fresh initialisation)
 
 
 def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> InitialWeights:
@@ -164,7 +165,7 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> Initial
             raise PixartError(
                 f"model.init: {init} has {source_config.num_classes} classes, the recipe {config.num_classes}"
             )
-        return InitialWeights(weights, [], f"DiT weights from {init}", False)
+        return InitialWeights(weights, [], f"DiT weights from {init}", False, source_config.prediction_type)
     from pixart_cli.convert import detect_format, read_any
 
     fmt = detect_format(init)  # read once: for a .pth file it means loading the whole file
@@ -179,11 +180,13 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> Initial
             seed=recipe.train.seed,
         )  # fmt: skip
         use_ema, source = False, f"DiT weights from {init}, re-parameterised as by `pixart init-from-dit`"
+        prediction_type = dit_config.prediction_type
     else:
         checkpoint = read_any(init, num_heads=config.num_heads, max_length=config.max_length, fmt=fmt)
         use_ema = recipe.model.init_weights == "ema" and checkpoint.ema_state_dict is not None
         weights = checkpoint.ema_state_dict if use_ema else checkpoint.state_dict
         source = f"{'EMA' if use_ema else 'model'} weights from {init}"
+        prediction_type = checkpoint.config.prediction_type
     expected = expected_shapes(config)
     fresh = [k for k in expected if k not in weights]
     not_allowed = [k for k in fresh if not (config.multi_scale and k.startswith(NEW_IN_MULTI_SCALE))]
@@ -196,15 +199,22 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> Initial
             if keys
         )
         raise PixartError(f"model.init: {init} does not fit the recipe's model ({detail})")
-    return InitialWeights(weights, fresh, source, from_dit)
+    return InitialWeights(weights, fresh, source, from_dit, prediction_type)
 
 
 def build_training_model(recipe: Recipe) -> tuple[nn.Module, str]:
     config = recipe.model_config()
+    weights, fresh, description, new_caption_path, source_prediction = initial_weights(recipe, config)
+    if source_prediction not in (None, config.prediction_type):
+        if "prediction_type" in recipe.model.config:  # a deliberate switch: the model learns the new target
+            description += f"; switching from {source_prediction} to {config.prediction_type} prediction"
+        else:  # unsaid: keep predicting what the model already predicts
+            config = dataclasses.replace(config, prediction_type=source_prediction)
+    if config.prediction_type != "epsilon":
+        description += f"; predicts {config.prediction_type}"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.train.seed)  # identical initial weights on every process
         model = build_model(config)
-    weights, fresh, description, new_caption_path = initial_weights(recipe, config)
     if weights is not None:
         missing, unexpected = model.load_state_dict(weights, strict=False)
         assert sorted(missing) == sorted(fresh) and not unexpected, (missing, unexpected)  # checked above
@@ -258,7 +268,7 @@ def save_training_checkpoint(
     """Write one checkpoint directory atomically (main process only) and prune old ones."""
     directory = output / CHECKPOINTS / f"step-{position.step:07d}"
     meta = _meta(recipe, f"{recipe.name} step {position.step}")
-    checkpoint = Checkpoint(recipe.model_config(), model.state_dict(), ema.state_dict(model), meta)
+    checkpoint = Checkpoint(model.config, model.state_dict(), ema.state_dict(model), meta)
     with atomic_directory(directory, overwrite=True) as tmp:
         write_checkpoint_files(checkpoint, tmp)
         (tmp / RECIPE_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -405,7 +415,8 @@ def train(
     ema.params = [p.to(acc.device) for p in ema.params]
     model, optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(model)
-    diffusion = GaussianDiffusion(NUM_TIMESTEPS, learn_sigma=raw_model.config.learn_sigma)
+    config = raw_model.config
+    diffusion = GaussianDiffusion(NUM_TIMESTEPS, learn_sigma=config.learn_sigma, prediction_type=config.prediction_type)
     accumulation = recipe.train.grad_accumulation
     rank, world, device, seed = acc.process_index, acc.num_processes, acc.device, recipe.train.seed
     metrics_path = output / METRICS_FILE

@@ -1,4 +1,4 @@
-"""Does a text-to-image checkpoint use its captions? Epsilon error with the right captions against shuffled ones.
+"""Does a text-to-image checkpoint use its captions? Prediction error with the right captions against shuffled ones.
 
 The same cached training items, noise and timesteps are denoised twice: once with each item's own caption and once
 with the caption of its neighbour in the batch. A model that reads its captions predicts better with the right
@@ -33,17 +33,20 @@ def caption_gap(
     x0 = batch["latent_mean"].float()
     channels = x0.shape[1]
     shuffled = torch.roll(torch.arange(len(picked)), 1)  # every item gets another item's caption
-    diffusion = GaussianDiffusion(1000, learn_sigma=model.config.learn_sigma)
+    diffusion = GaussianDiffusion(
+        1000, learn_sigma=model.config.learn_sigma, prediction_type=model.config.prediction_type
+    )
     results = {}
     for step in timesteps:
         t = torch.full((len(picked),), step)
         noise = torch.randn(x0.shape, generator=generator)
         x_t = diffusion.q_sample(x0, t, noise)
+        target = diffusion.target(x0, t, noise)  # ε, or v for a v-prediction model
         errors = []
         for order in (torch.arange(len(picked)), shuffled):
             with torch.no_grad():
-                eps = model(x_t, t, batch["caption"][order].float(), batch["caption_mask"][order])[:, :channels]
-            errors.append(((eps - noise) ** 2).mean().item())
+                out = model(x_t, t, batch["caption"][order].float(), batch["caption_mask"][order])[:, :channels]
+            errors.append(((out - target) ** 2).mean().item())
         results[step] = (errors[0], errors[1])
     return results
 

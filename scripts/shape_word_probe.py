@@ -34,7 +34,7 @@ def swapped(caption: str, word: str, options: tuple[str, ...], rng: np.random.Ge
 @torch.no_grad()
 def denoise_from(model, images: torch.Tensor, t0: int, captions, null, *, steps: int, cfg: float, seed: int):
     """DDIM from ``images`` noised to the last solver step at or below ``t0`` (SDEdit), clipped, guided."""
-    scheduler = make_scheduler("ddim", clip_x0=True)
+    scheduler = make_scheduler("ddim", clip_x0=True, prediction_type=model.config.prediction_type)
     scheduler.set_timesteps(steps)
     timesteps = [t for t in scheduler.timesteps.tolist() if t <= t0]
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))

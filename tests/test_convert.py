@@ -194,3 +194,14 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert cli("convert", src, "-o", tmp_path / "out", "--overwrite").exit_code == 0
     assert load_checkpoint(tmp_path / "out").config == TINY_PIXART
+
+
+def test_v_prediction_is_refused_where_the_target_cannot_record_it(tmp_path):
+    """An official .pth or a bare diffusers transformer has no field for v-prediction: a clear error, no file."""
+    src, _ = make_checkpoint(tmp_path, dataclasses.replace(TINY_PIXART, prediction_type="v_prediction"))
+    for target, out in (("official", tmp_path / "v.pth"), ("diffusers", tmp_path / "v-diffusers")):
+        result = cli("convert", src, "-o", out, "--to", target)
+        assert result.exit_code == 2 and "v_prediction" in result.output and "--t5" in result.output, result.output
+        assert not out.exists()
+    assert cli("convert", src, "-o", tmp_path / "copy").exit_code == 0
+    assert load_checkpoint(tmp_path / "copy").config.prediction_type == "v_prediction"

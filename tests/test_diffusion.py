@@ -274,6 +274,38 @@ def test_without_learn_sigma_loss_is_mse() -> None:
     assert torch.all(losses["vb"] == 0)
 
 
+@pytest.mark.parametrize("t", [0, 1, 300, 999])
+def test_v_prediction_target_and_epsilon_match_diffusers(t: int) -> None:
+    """v = √ᾱ ε − √(1 − ᾱ) x0 is diffusers' get_velocity; ε comes back from (v, x_t); the same mean and variance."""
+    scheduler, ts = ddpm(float64=False), torch.full((2,), t)
+    x0, noise = randn(2, *SHAPE, seed=1), randn(2, *SHAPE, seed=2)
+    v_model, eps_model = GaussianDiffusion(prediction_type="v_prediction"), GaussianDiffusion()
+    v = v_model.target(x0, ts, noise)
+    torch.testing.assert_close(v, scheduler.get_velocity(x0, noise, ts), rtol=1e-5, atol=1e-6)
+    assert torch.equal(eps_model.target(x0, ts, noise), noise)
+    x_t = v_model.q_sample(x0, ts, noise)
+    torch.testing.assert_close(v_model.epsilon(v, x_t, ts), noise, rtol=1e-5, atol=1e-5)
+    variance = randn(2, *SHAPE, seed=3).clamp(-1, 1)
+    ours = v_model.p_mean_variance(torch.cat([v, variance], dim=1), x_t, ts)
+    reference = eps_model.p_mean_variance(torch.cat([noise, variance], dim=1), x_t, ts)
+    for got, want in zip(ours, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_v_prediction_loss_is_the_v_error_and_vb_trains_only_the_variance() -> None:
+    diffusion = GaussianDiffusion(prediction_type="v_prediction")
+    x0, noise, t = randn(4, *SHAPE, seed=1), randn(4, *SHAPE, seed=2), torch.tensor([0, 10, 500, 999])
+    v = diffusion.target(x0, t, noise)
+    guess = (v + 0.1 * randn(4, *SHAPE, seed=3)).requires_grad_()
+    variance = randn(4, *SHAPE, seed=4).clamp(-1, 1).requires_grad_()
+    losses = diffusion.training_losses(torch.cat([guess, variance], dim=1), x0, t, noise)
+    torch.testing.assert_close(losses["mse"], ((guess - v) ** 2).mean(dim=(1, 2, 3)))
+    losses["vb"].sum().backward()
+    assert (guess.grad is None or not guess.grad.any()) and variance.grad.abs().sum() > 0
+    perfect = diffusion.training_losses(torch.cat([v, variance.detach()], dim=1), x0, t, noise)
+    assert perfect["mse"].abs().max() < 1e-10
+
+
 def test_wrong_channel_count_is_rejected() -> None:
     x0, noise, t = randn(2, *SHAPE, seed=1), randn(2, *SHAPE, seed=2), torch.tensor([0, 1])
     with pytest.raises(ValueError, match="expected 6 channels"):
@@ -284,7 +316,12 @@ def test_wrong_channel_count_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"num_timesteps": 1}, "num_timesteps"), ({"beta_start": 0.0}, "beta_start"), ({"beta_end": 1e-5}, "beta_end")],
+    [
+        ({"num_timesteps": 1}, "num_timesteps"),
+        ({"beta_start": 0.0}, "beta_start"),
+        ({"beta_end": 1e-5}, "beta_end"),
+        ({"prediction_type": "sample"}, "prediction_type"),
+    ],
 )
 def test_bad_constructor_arguments_raise(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):

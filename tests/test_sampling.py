@@ -21,6 +21,7 @@ from pixart_cli.checkpoint import load_checkpoint
 from pixart_cli.cli import app
 from pixart_cli.components import VAE, PixelSpace
 from pixart_cli.convert import read_any, write_diffusers, write_official
+from pixart_cli.diffusion import GaussianDiffusion
 from pixart_cli.errors import PixartError
 from pixart_cli.models import PixArtConfig
 from pixart_cli.sampling import (
@@ -94,6 +95,66 @@ def test_matches_diffusers_pipeline(models, sampler):
     reference = np.round(reference * 255).astype(np.int16)
     assert np.abs(images - reference).max() <= 1
     assert images.std() > 20 and (images[0] != images[2]).any(), "degenerate test: prompts must change the image"
+
+
+def test_v_prediction_model_matches_diffusers_pipeline(tmp_path, tiny_t5, tiny_vae):
+    """A v-prediction model: the converted pipeline's own scheduler says so, and its images equal ours (±1/255)."""
+
+    def tiny(name: str, config: PixArtConfig) -> Path:
+        components = {"text_encoder": str(tiny_t5), "vae": str(tiny_vae), "null_caption": "t5-empty"}
+        return make_tiny_pixart(tmp_path / name, config, **components, seed=1)
+
+    def ours(directory: Path) -> np.ndarray:
+        pipe = Pipeline.from_pretrained(directory, device="cpu", clean_captions=False)
+        return _array(pipe(PROMPTS, seed=7, steps=20))
+
+    v_model = tiny("v", dataclasses.replace(TINY, prediction_type="v_prediction"))
+    pipeline_dir = write_diffusers(read_any(v_model), tmp_path / "pipe", t5=str(tiny_t5), vae=str(tiny_vae))
+    assert read_any(pipeline_dir).config.prediction_type == "v_prediction"
+    from diffusers import PixArtAlphaPipeline
+
+    reference = PixArtAlphaPipeline.from_pretrained(str(pipeline_dir))  # with the scheduler it was saved with
+    assert reference.scheduler.config.prediction_type == "v_prediction"
+    reference.set_progress_bar_config(disable=True)
+    noise, _ = seeded_noise([7, 7], (4, 8, 8))
+    expected = reference(
+        PROMPTS, num_inference_steps=20, guidance_scale=4.5, latents=noise, clean_caption=False,
+        use_resolution_binning=False, max_sequence_length=120, output_type="np",
+    ).images  # fmt: skip
+    images = ours(v_model)
+    assert np.abs(images - np.round(expected * 255).astype(np.int16)).max() <= 1
+    assert np.abs(images - ours(tiny("eps", TINY))).max() > 10, "degenerate: the same weights read as ε must differ"
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_reads_v_prediction(sampler):
+    """A denoiser predicting v = (ε − √(1 − ᾱ) x_t) / √ᾱ samples exactly as the ε denoiser it was made from."""
+    alphas_cumprod = GaussianDiffusion().alphas_cumprod.float()
+    noise, _ = seeded_noise([0], (3, 8, 8))
+
+    def eps_denoiser(x, t):
+        return torch.cat([torch.sin(x + t / 100), torch.full_like(x, 0.3)], dim=1)  # ε and a learned variance
+
+    def v_denoiser(x, t):
+        eps, variance = eps_denoiser(x, t).chunk(2, dim=1)
+        a = alphas_cumprod[int(t)]
+        return torch.cat([(eps - (1 - a).sqrt() * x) / a.sqrt(), variance], dim=1)
+
+    results = []
+    for denoiser, kind in ((eps_denoiser, "epsilon"), (v_denoiser, "v_prediction")):
+        _, generators = seeded_noise([0], (3, 8, 8))
+        results.append(
+            sample(
+                denoiser,
+                noise,
+                sampler=sampler,
+                steps=8,
+                generators=generators,
+                learned_variance=True,
+                prediction_type=kind,
+            )
+        )
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
 
 
 def test_null_caption_embedding_matches_diffusers_negative_embeds(models):
@@ -229,6 +290,16 @@ def test_pixel_space_solvers_clip_the_predicted_image(sampler):
 
     assert run(True).abs().max() <= 1.05 and run(False).abs().max() > 2  # SA-Solver's last step adds a little noise
     assert PixelSpace.bounded and not VAE.bounded
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_clipping_solvers_follow_the_clipped_image(sampler):
+    """A far too large ε (what strong guidance can give) is tamed by clipping in every solver: each step moves
+    towards the clipped image, so the sample stays in range (DDIM needs its ε re-derived from it for this)."""
+    noise, generators = seeded_noise([0], (3, 8, 8))
+    denoiser = lambda x, t: torch.cat([5 * x, torch.zeros_like(x)], dim=1)  # noqa: E731
+    result = sample(denoiser, noise, sampler=sampler, steps=10, generators=generators, clip_x0=True)
+    assert result.abs().max() <= 1.05
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))

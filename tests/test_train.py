@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -487,3 +488,32 @@ def test_schedule_and_timestep_options_are_validated_and_train(world, tmp_path):
     assert result.exit_code == 0, result.output
     lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
     assert len(lrs) == 6 and lrs[-1] < lrs[0]
+
+
+def test_v_prediction_trains_is_recorded_and_is_inherited_from_model_init(world, tmp_path):
+    """model.config.prediction_type=v_prediction trains and is saved; a run from that checkpoint keeps predicting v
+    unless its recipe names a prediction type (then it switches, and says so)."""
+    from pixart_cli.train import build_training_model
+
+    stage2 = str(ROOT / "recipes" / "stage2.yaml")
+    v_config = TINY_MODEL.rstrip("}") + ", prediction_type: v_prediction}"
+    one_line_error(
+        runner.invoke(app, ["train", stage2, "--dry-run", "--set", "model.config={prediction_type: v}"]),
+        "model.config.prediction_type",
+    )
+    dry = runner.invoke(app, ["train", stage2, "--dry-run", "--set", f"model.config={v_config}"])
+    assert "predicts v_prediction" in dry.output
+    run = tmp_path / "v"
+    args = [*stage2_args(world, run, steps=6), "--set", f"model.config={v_config}"]
+    result = runner.invoke(app, ["train", stage2, *args])
+    assert result.exit_code == 0, result.output
+    assert all(math.isfinite(loss) for loss in losses(run))
+    checkpoint = run / "checkpoints" / "step-0000006"
+    assert load_checkpoint(checkpoint).config.prediction_type == "v_prediction"
+    inherit = [*_pairs(stage2_args(world, tmp_path / "next")), f"model.init={checkpoint}"]
+    recipe, _ = load_recipe(stage2, inherit)
+    model, description = build_training_model(recipe)
+    assert model.config.prediction_type == "v_prediction" and "predicts v_prediction" in description
+    recipe, _ = load_recipe(stage2, [*inherit, f"model.config={TINY_MODEL.rstrip('}')}, prediction_type: epsilon}}"])
+    model, description = build_training_model(recipe)
+    assert model.config.prediction_type == "epsilon" and "switching from v_prediction to epsilon" in description

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from pixart_cli.models.layers import (
     Mlp,
     PatchEmbed,
+    PredictionType,
     SelfAttention,
     TimestepEmbedder,
     check_transformer_shape,
@@ -37,6 +38,7 @@ class DiTConfig:
     input_size: int = 32  # latent side (256 px / 8)
     in_channels: int = 4
     learn_sigma: bool = True
+    prediction_type: PredictionType = "epsilon"  # or "v_prediction"; the learned variance is unaffected
     mlp_ratio: float = 4.0
     num_classes: int = 1000  # the embedding table has one more row: the null class used for CFG
     variant: str | None = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import typing
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +17,14 @@ FREQUENCY_EMBEDDING_SIZE = 256
 # (0.95–0.96× against SDPA's 0.97–0.99× of diffusers), so fp32 keeps SDPA.
 _CPU_EXPLICIT_ATTENTION_MAX = 128 * 128
 
+# What a model's first in_channels outputs predict: the noise ε (PixArt-α and DiT), or the velocity
+# v = √ᾱ_t·ε − √(1 − ᾱ_t)·x_0 (Salimans & Ho 2022, arXiv 2202.00512); names as in diffusers' schedulers.
+PredictionType = Literal["epsilon", "v_prediction"]
+PREDICTION_TYPES: tuple[str, ...] = typing.get_args(PredictionType)
+
 
 def check_transformer_shape(config: object, positive: tuple[str, ...]) -> None:
-    """Shape checks shared by the DiT and PixArt configs (raise ValueError naming the field)."""
+    """Checks shared by the DiT and PixArt configs (raise ValueError naming the field)."""
     for name in positive:
         if getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
@@ -28,6 +35,8 @@ def check_transformer_shape(config: object, positive: tuple[str, ...]) -> None:
         raise ValueError(f"hidden_size {hidden} must be divisible by 4 (2-D sin-cos embedding)")
     if config.input_size % config.patch_size:
         raise ValueError(f"input_size {config.input_size} is not a multiple of patch_size {config.patch_size}")
+    if config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {config.prediction_type!r}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,6 +28,7 @@ from pixart_cli.models.layers import (
     FREQUENCY_EMBEDDING_SIZE,
     Mlp,
     PatchEmbed,
+    PredictionType,
     SelfAttention,
     TimestepEmbedder,
     attention,
@@ -59,6 +60,7 @@ class PixArtConfig:
     input_size: int = 32  # side of the model's input grid at its base resolution (latents: pixels / 8)
     in_channels: int = 4
     learn_sigma: bool = True  # output 2×in_channels: epsilon and the learned-range variance
+    prediction_type: PredictionType = "epsilon"  # or "v_prediction"; the learned variance is unaffected
     mlp_ratio: float = 4.0
     caption_channels: int = 4096  # T5-XXL width
     max_length: int = 120  # caption tokens (T5 padding length, rows of the null caption)
