@@ -50,6 +50,13 @@ ARMS: dict[str, list[str]] = {
     "scratch-sparse": ["model.init=null", *SPARSE],
     "scratch-dense-cosine": ["model.init=null", "optim.decay=cosine"],
     "scratch-dense-logitnormal-cosine": ["model.init=null", "optim.decay=cosine", "train.timesteps=logit-normal"],
+    "scratch-dense-v-cosine": ["model.init=null", "model.config.prediction_type=v_prediction", "optim.decay=cosine"],
+    "scratch-dense-v-logitnormal-cosine": [
+        "model.init=null",
+        "model.config.prediction_type=v_prediction",
+        "optim.decay=cosine",
+        "train.timesteps=logit-normal",
+    ],
 }
 REPORTED = ("color", "shape", "spatial", "complex")
 
