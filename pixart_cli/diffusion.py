@@ -44,11 +44,14 @@ model output is fine.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 
-from pixart_cli.models.layers import PREDICTION_TYPES, PredictionType
+from pixart_cli.models.layers import PredictionType, check_prediction_type
+
+if TYPE_CHECKING:
+    from pixart_cli.models import DiTConfig, PixArtConfig
 
 # Each term of the VLB is divided by this to express it in bits rather than nats.
 LOG_2 = math.log(2.0)
@@ -117,8 +120,7 @@ class GaussianDiffusion:
         self.num_timesteps = num_timesteps
         self.beta_start = beta_start
         self.beta_end = beta_end
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        check_prediction_type(prediction_type)
         self.learn_sigma = learn_sigma
         self.prediction_type = prediction_type
 
@@ -145,6 +147,11 @@ class GaussianDiffusion:
         # Per-device copies of the schedule: copying it from host memory at every gather would be a blocking
         # host-to-device transfer (a synchronisation point) several times per training step.
         self._device_copies: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    @classmethod
+    def for_model(cls, config: PixArtConfig | DiTConfig, num_timesteps: int = 1000) -> GaussianDiffusion:
+        """The diffusion a PixArt or DiT config trains with: its ``learn_sigma`` and ``prediction_type``."""
+        return cls(num_timesteps, learn_sigma=config.learn_sigma, prediction_type=config.prediction_type)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Helpers

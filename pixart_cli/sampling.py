@@ -116,6 +116,16 @@ def make_scheduler(
     )
 
 
+def step_options(sampler: str, clip_x0: bool, generators: list[torch.Generator] | None = None) -> dict:
+    """Keyword arguments for ``scheduler.step`` of ``sampler`` (from ``make_scheduler``), for every solver loop."""
+    options = {"generator": generators} if check_sampler(sampler).stochastic and generators is not None else {}
+    if sampler == "ddim" and clip_x0:
+        # Re-derive ε from the clipped image, as the other solvers do implicitly: DDIM otherwise moves x along the
+        # unclipped ε, which guidance can make huge (a pixel model at CFG 4.5 then ends in noise).
+        options["use_clipped_model_output"] = True
+    return options
+
+
 def sample(
     denoiser: Denoiser,
     noise: torch.Tensor,
@@ -144,11 +154,7 @@ def sample(
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     channels = noise.shape[1]
-    step_kwargs = {"generator": generators} if spec.stochastic and generators is not None else {}
-    if sampler == "ddim" and clip_x0:
-        # Re-derive ε from the clipped image, as the other solvers do implicitly: DDIM otherwise moves x along the
-        # unclipped ε, which guidance can make huge (a pixel model at CFG 4.5 then ends in noise).
-        step_kwargs["use_clipped_model_output"] = True
+    step_kwargs = step_options(sampler, clip_x0, generators)
     x = noise.float() * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):

@@ -415,8 +415,7 @@ def train(
     ema.params = [p.to(acc.device) for p in ema.params]
     model, optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(model)
-    config = raw_model.config
-    diffusion = GaussianDiffusion(NUM_TIMESTEPS, learn_sigma=config.learn_sigma, prediction_type=config.prediction_type)
+    diffusion = GaussianDiffusion.for_model(raw_model.config, NUM_TIMESTEPS)
     accumulation = recipe.train.grad_accumulation
     rank, world, device, seed = acc.process_index, acc.num_processes, acc.device, recipe.train.seed
     metrics_path = output / METRICS_FILE

@@ -33,9 +33,7 @@ def caption_gap(
     x0 = batch["latent_mean"].float()
     channels = x0.shape[1]
     shuffled = torch.roll(torch.arange(len(picked)), 1)  # every item gets another item's caption
-    diffusion = GaussianDiffusion(
-        1000, learn_sigma=model.config.learn_sigma, prediction_type=model.config.prediction_type
-    )
+    diffusion = GaussianDiffusion.for_model(model.config)
     results = {}
     for step in timesteps:
         t = torch.full((len(picked),), step)

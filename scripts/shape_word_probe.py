@@ -27,7 +27,7 @@ from pixart_cli.checkpoint import instantiate, latest_in_run, load_checkpoint
 from pixart_cli.data import shapes
 from pixart_cli.data.shapes_detect import detect
 from pixart_cli.diffusion import GaussianDiffusion
-from pixart_cli.sampling import call_model, classifier_free_guidance, make_scheduler
+from pixart_cli.sampling import call_model, classifier_free_guidance, make_scheduler, step_options
 from pixart_cli.text import TextEncoder
 
 
@@ -47,16 +47,16 @@ def denoise_from(model, images: torch.Tensor, t0: int, captions, null, *, steps:
     x = scheduler.add_noise(images, noise, torch.tensor([timesteps[0]]))
     channels = images.shape[1]
     denoiser = classifier_free_guidance(lambda x, t, c: call_model(model, x, t, c), captions, null, cfg, channels)
+    options = step_options("ddim", clip_x0=True)
     for t in timesteps:
-        x = scheduler.step(denoiser(x, torch.tensor(t))[:, :channels], t, x, return_dict=False)[0]
+        x = scheduler.step(denoiser(x, torch.tensor(t))[:, :channels], t, x, **options, return_dict=False)[0]
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 @torch.no_grad()
 def clean_image_error(model, images: torch.Tensor, t0: int, captions, seed: int) -> float:
     """Mean squared error of the model's predicted clean image (clipped) from ``images`` noised to ``t0``."""
-    config = model.config
-    diffusion = GaussianDiffusion(1000, learn_sigma=config.learn_sigma, prediction_type=config.prediction_type)
+    diffusion = GaussianDiffusion.for_model(model.config)
     t = torch.full((len(images),), t0)
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     x_t = diffusion.q_sample(images, t, noise)

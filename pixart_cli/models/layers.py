@@ -35,8 +35,12 @@ def check_transformer_shape(config: object, positive: tuple[str, ...]) -> None:
         raise ValueError(f"hidden_size {hidden} must be divisible by 4 (2-D sin-cos embedding)")
     if config.input_size % config.patch_size:
         raise ValueError(f"input_size {config.input_size} is not a multiple of patch_size {config.patch_size}")
-    if config.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {config.prediction_type!r}")
+    check_prediction_type(config.prediction_type)
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
