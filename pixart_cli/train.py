@@ -27,6 +27,7 @@ import logging
 import math
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -312,8 +313,9 @@ def ensure_output_dir(output: Path) -> None:
     """Create ``output.dir`` and prove it writable now, not at the first checkpoint hours later."""
     try:
         output.mkdir(parents=True, exist_ok=True)
-        (output / ".write-test").touch()
-        (output / ".write-test").unlink()
+        # a name of its own: every rank of a launch runs this at once, and a shared name races (touch, unlink, unlink)
+        with tempfile.NamedTemporaryFile(dir=output, prefix=".write-test-"):
+            pass
     except OSError as exc:
         raise PixartError(f"output.dir: cannot write to {output} ({exc.strerror})") from None
 

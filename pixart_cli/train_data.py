@@ -78,7 +78,9 @@ def batch_source(recipe: Recipe, accelerator: Any) -> LoaderBatches:
     """This process's bucketed, resumable batches for ``recipe``."""
     data = recipe.data
     config = recipe.model_config()
-    ensure_shapes_dataset(recipe)
+    if accelerator.is_main_process:  # one writer; the others wait, then read the finished dataset
+        ensure_shapes_dataset(recipe)
+    accelerator.wait_for_everyone()
     autoencoder = text_encoder = None
     cache = Path(data.cache) if data.cache else None
     if cache is not None and (cache / INDEX).is_file():

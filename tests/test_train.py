@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from pixart_cli.checkpoint import checkpoint_dirs, load_checkpoint
 from pixart_cli.cli import app
 from pixart_cli.recipe import load_recipe
-from tests.utils import run_launcher
+from tests.utils import launch_report, run_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -144,7 +144,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(world, tmp_p
         *stage2_args(world, tmp_path / "two", steps=6, batch=8),
     ]
     done = run_launcher(cmd, timeout=180, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 0, launch_report(done)
     assert len(list((tmp_path / "two" / "checkpoints").iterdir())) == 1  # one checkpoint, written once
     for name in ("model", "ema"):
         a = load_file(tmp_path / "one" / "checkpoints" / "step-0000006" / f"{name}.safetensors")
@@ -336,6 +336,17 @@ def test_missing_data_and_unwritable_output(world, tmp_path):
     )  # fmt: skip
     one_line_error(result, "data.shapes: resolution: an empty list of sizes")
     assert not data.exists()
+
+
+def test_every_rank_may_check_the_output_dir_at_once(tmp_path):
+    """Each rank of a launch proves the output directory writable at the same moment (CI once lost this race)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pixart_cli.train import ensure_output_dir
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: ensure_output_dir(tmp_path / "run"), range(400)))
+    assert list((tmp_path / "run").iterdir()) == []
 
 
 def test_nan_loss_stops_with_the_last_checkpoint_intact(world, tmp_path):

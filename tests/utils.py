@@ -135,3 +135,9 @@ def run_launcher(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.Comp
         out, err = proc.communicate()
         pytest.fail(f"{cmd[:4]} hung for {timeout} s; the stacks of its processes:\n{out[-3000:]}\n{err[-15000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def launch_report(done: subprocess.CompletedProcess) -> str:
+    """What a failed launch said: the workers' own error lines first (torchrun's summary would bury them)."""
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line.lower()]
+    return "\n".join([*errors[:20], "--- tails ---", done.stdout[-2000:], done.stderr[-2000:]])
