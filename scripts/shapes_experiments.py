@@ -9,6 +9,10 @@ Arms (all the shipped recipes/shapes/stage2.yaml with overrides, so each differs
 * ``scratch-sparse`` sparse captions from a fresh initialisation (claim b without the stage-1 DiT).
 * ``scratch-dense-cosine`` from scratch with the lr annealed by a cosine to 0 at the last step (beyond the paper).
 * ``scratch-dense-logitnormal-cosine`` the same with logit-normal(0, 1) training timesteps instead of uniform.
+* ``scratch-dense-v-cosine``, ``scratch-dense-v-logitnormal-cosine``: the same predicting v instead of ε.
+* ``dit-v-dense``  claim (a) again with the v-prediction recipe: stage 2 from a stage-1 DiT trained the same way
+  (``--stage1 DIR``, e.g. the recipes/shapes/stage1.yaml run given in docs/shapes-experiments.md), against
+  ``scratch-dense-v-logitnormal-cosine``.
 
 Every ``--eval-every`` steps the checkpoint is scored on the first ``--limit`` held-out prompts (one image each,
 20 DPM-Solver steps, CFG 4.5), which gives accuracy against training time. Results are appended to
@@ -57,6 +61,11 @@ ARMS: dict[str, list[str]] = {
         "optim.decay=cosine",
         "train.timesteps=logit-normal",
     ],
+    "dit-v-dense": [  # model.init: --stage1
+        "model.config.prediction_type=v_prediction",
+        "optim.decay=cosine",
+        "train.timesteps=logit-normal",
+    ],
 }
 REPORTED = ("color", "shape", "spatial", "complex")
 
@@ -94,8 +103,9 @@ def scores(report: Path) -> dict[str, float]:
 def run_arm(arm: str, seed: int, args: argparse.Namespace, done: set[tuple], results: Path) -> None:
     out = args.out / f"{arm}-seed{seed}"
     batch = load_recipe(RECIPE)[0].train.batch_size
+    init = [f"model.init={args.stage1}"] if arm == "dit-v-dense" else []
     overrides = [
-        *ARMS[arm], f"train.seed={seed}", f"train.steps={args.steps}", f"output.dir={out}",
+        *init, *ARMS[arm], f"train.seed={seed}", f"train.steps={args.steps}", f"output.dir={out}",
         f"output.save_every={args.eval_every}", "output.keep_last=1000", "log.every=25",
     ]  # fmt: skip
     if args.prepare:
@@ -167,6 +177,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--limit", type=int, default=96, help="held-out prompts per evaluation")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each command")
+    parser.add_argument("--stage1", default="outputs/shapes-stage1-v", help="the stage-1 DiT of the dit-v-dense arm")
     parser.add_argument("--no-prepare", dest="prepare", action="store_false", help="encode on the fly instead")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "shapes-experiments")
     args = parser.parse_args()
