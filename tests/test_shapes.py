@@ -38,6 +38,7 @@ from pixart_cli.data.shapes import (
     write_dataset,
 )
 from pixart_cli.data.shapes_detect import compare_with_scene, detect, score_image, score_images
+from pixart_cli.data.sources import read_class_tree
 from pixart_cli.errors import PixartError
 
 
@@ -284,14 +285,27 @@ def test_imagefolder_format(tmp_path):
     out = write_dataset(tmp_path / "ds", 40, resolution=32, seed=0, fmt="imagefolder")
     assert (out / "classes.txt").read_text().split() == [class_folder(k) for k in range(48)]
     folders = [p for p in out.iterdir() if p.is_dir()]
-    assert len(folders) > 10
+    assert len(folders) == 48
     heldout_folders = {class_folder(class_label(*pair)) for pair in HELDOUT_SHAPE_COLOURS}
     for folder in folders:
-        assert folder.name not in heldout_folders
+        assert folder.name not in heldout_folders or not any(folder.iterdir())  # held-out classes: empty folders
         label = int(folder.name.split("_")[0])
         for path in folder.glob("*.png"):
             scene = sample_scene(np.random.default_rng([0, int(path.stem)]), aspect=1.0)
             assert scene_label(scene) == label
+    # What training reads (ImageNet convention: rank among the sorted folders) is the class label itself.
+    source = read_class_tree(out)
+    assert len(source.records) == 40 and len(source.notes) == 1
+    for record in source.records:
+        assert record.label == int(record.path.parent.name.split("_")[0])
+
+
+def test_a_class_tree_missing_a_listed_folder_is_refused(tmp_path):
+    """Data written before every class had a folder: labels after a missing folder would shift by one."""
+    out = write_dataset(tmp_path / "ds", 8, resolution=32, seed=0, fmt="imagefolder")
+    (out / class_folder(1)).rmdir()  # the held-out orange circle
+    with pytest.raises(PixartError, match="no folder for 01_orange_circle"):
+        read_class_tree(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------

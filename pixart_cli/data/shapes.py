@@ -636,9 +636,7 @@ def _write_items(
         image = render(scene, (width, height), antialias=antialias)
         name = f"{i:0{digits}d}.png"
         if fmt == "imagefolder":
-            folder = directory / class_folder(scene_label(scene))
-            folder.mkdir(exist_ok=True)
-            image.save(folder / name, format="PNG")
+            image.save(directory / class_folder(scene_label(scene)) / name, format="PNG")
             continue
         text = caption(scene, caption_style, rng)
         image.save(image_dir / name, format="PNG")
@@ -687,8 +685,9 @@ def write_dataset(
     * ``"jsonl"``: ``images/000000.png`` plus ``manifest.jsonl``, one ``{"path", "caption", "width", "height"}``
       per line with ``path`` relative to the manifest.
     * ``"imagefolder"``: ``<class folder>/000000.png`` (ImageNet layout, class of the primary object) plus
-      ``classes.txt`` listing all 48 class folders in label order. With ``split="train"`` the 6 held-out classes
-      have no folder, so take the label from the folder's number, not from its rank among the folders.
+      ``classes.txt`` listing all 48 class folders in label order. Every class has a folder, empty where no scene
+      has it (with ``split="train"``, the 6 held-out classes), so a folder's rank among the sorted folders, which
+      is how ImageNet-style readers assign labels, is its label.
 
     ``objects`` fixes the number of objects in every scene (None: 1–3, uniform), e.g. 1 for a quick first model.
     ``resolution`` is a side, a (width, height), or a list of (width, height) sizes: then each scene draws its
@@ -706,6 +705,8 @@ def write_dataset(
     image_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "imagefolder":
         (directory / "classes.txt").write_text("".join(f"{class_folder(k)}\n" for k in range(NUM_CLASSES)))
+        for k in range(NUM_CLASSES):
+            (directory / class_folder(k)).mkdir()
 
     digits = max(6, len(str(max(n - 1, 0))))
     job = functools.partial(

@@ -205,7 +205,9 @@ def read_class_tree(root: str | os.PathLike) -> Source:
     """``root/<class_name>/**/<image>``: label = index of the class name among all sorted class folders.
 
     Every (non-hidden) sub-folder is a class, even an empty one, so labels do not shift when a class happens to
-    have no images (the same convention as torchvision's ``ImageFolder``).
+    have no images (the same convention as torchvision's ``ImageFolder``). A ``classes.txt`` beside the folders
+    (one class per line, as ShapesWorld writes) must name exactly the folders: where a class folder is missing,
+    every later label would shift.
     """
     root = Path(root)
     if not root.is_dir():
@@ -213,12 +215,23 @@ def read_class_tree(root: str | os.PathLike) -> Source:
     class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_names:
         raise PixartError(f"{root}: no class sub-folders found")
-    records, notes = [], []
+    listed = root / "classes.txt"
+    if listed.is_file():
+        expected = [line.strip() for line in listed.read_text(encoding="utf-8").splitlines() if line.strip()]
+        missing = [name for name in expected if name not in class_names]
+        if sorted(expected) != class_names:
+            raise PixartError(
+                f"{root}: classes.txt names {len(expected)} classes but there are {len(class_names)} class folders"
+                + (f" (no folder for {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''})" if missing else "")
+                + ", so labels would not match it; create the missing folders (empty is fine)"
+            )
+    records, empty = [], []
     for label, name in enumerate(class_names):
         images, _ = _walk(root / name)
         if not images:
-            notes.append(f"class {name!r} has no images")
+            empty.append(name)
         records.extend(Record(path=p, label=label) for p in images)
+    notes = [f"{len(empty)} class(es) have no images: {', '.join(empty)}"] if empty else []
     for note in notes:
         logger.warning("%s: %s", root, note)
     return Source("classes", root, records, class_names=class_names, notes=notes)
