@@ -95,16 +95,17 @@ def test_shape_word_probe_runs_on_the_demo():
     assert "t0= 300  true caption" in result.stdout and "swapped" in result.stdout
 
 
-def test_dit_class_probe_reads_the_shipped_stage1_dit(tmp_path):
+def test_the_shipped_stage1_dit_draws_its_classes_colours(tmp_path):
+    """One image per seen class, ShapesBench sampling: measured colour 1.00 (168 images), shape 0.19 (chance)."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "dit_class_probe.py"
-    args = ["builtin:shapes-dit", "--per-class", "1", "--steps", "2", "--save", str(tmp_path / "grid.png")]
+    args = ["builtin:shapes-dit", "--per-class", "1", "--save", str(tmp_path / "grid.png")]
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["images"] == 42 and 0 <= report["both"] <= report["colour"] <= 1
+    assert report["images"] == 42 and report["colour"] >= 40 / 42 and report["presence"] >= 40 / 42
     assert (tmp_path / "grid.png").is_file()
