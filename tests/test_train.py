@@ -349,6 +349,25 @@ def test_every_rank_may_check_the_output_dir_at_once(tmp_path):
     assert list((tmp_path / "run").iterdir()) == []
 
 
+def test_only_the_main_process_generates_a_missing_shapes_dataset(tmp_path):
+    """Other ranks wait at the barrier and then read what the main process wrote (here: nothing, so they fail)."""
+    from types import SimpleNamespace
+
+    from pixart_cli.errors import PixartError
+    from pixart_cli.train_data import batch_source
+
+    data = tmp_path / "scenes"
+    recipe, _ = load_recipe(
+        ROOT / "recipes" / "shapes" / "stage2.yaml",
+        (f"data.path={data / 'manifest.jsonl'}", "data.cache=null", "data.shapes.n=8"),
+    )
+    barrier = []
+    other_rank = SimpleNamespace(is_main_process=False, wait_for_everyone=lambda: barrier.append(True))
+    with pytest.raises(PixartError, match="no such dataset"):
+        batch_source(recipe, other_rank)
+    assert barrier == [True] and not data.exists()
+
+
 def test_nan_loss_stops_with_the_last_checkpoint_intact(world, tmp_path):
     from pixart_cli.recipe import load_recipe as load
     from pixart_cli.train import TrainingDiverged, train
