@@ -157,30 +157,61 @@ def measure(steps: dict, device, warmup: int, iters: int) -> dict[str, tuple[flo
     return {name: (statistics.median(times[name]), peaks[name]) for name in steps}
 
 
-def profile_shares(step, steps: int = 3) -> dict[str, float]:
-    """Share of the step's self CPU time per operator (torch.profiler), over ``steps`` steps."""
+# GPU kernels by what they do (names as cuBLAS, cuDNN, FlashAttention and PyTorch's own kernels spell them).
+KERNEL_KINDS = (
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma")),
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("copy / cast", ("copy", "cat", "transpose", "memcpy", "memset")),
+    ("reduction", ("reduce",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, words in KERNEL_KINDS if any(w in lowered for w in words)), "elementwise / other")
+
+
+def profile_shares(step, device: torch.device, steps: int = 3) -> tuple[dict[str, float], float]:
+    """Share of the step's time per operator (CPU: self CPU time) or per kernel kind (GPU: self device time),
+    and the profiled time per step in ms (GPU: the kernels' busy time, to compare with the wall-clock step)."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    return {e.key: e.self_cpu_time_total / total for e in events}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    shares: dict[str, float] = {}
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            if event.self_device_time_total > 0 and not event.key.startswith("aten::"):
+                kind = kernel_kind(event.key)
+                shares[kind] = shares.get(kind, 0.0) + event.self_device_time_total
+        else:
+            shares[event.key] = shares.get(event.key, 0.0) + event.self_cpu_time_total
+    total = sum(shares.values())
+    return {k: v / total for k, v in shares.items()}, total / steps / 1e3
 
 
-def print_profiles(steps: dict, top: int = 12) -> None:
-    """Where the time goes, per implementation: the explanation of a ratio near 1 on the CPU."""
-    shares = {name: profile_shares(step) for name, step in steps.items()}
+def print_profiles(steps: dict, device: torch.device, top: int = 12) -> None:
+    """Where the time goes, per implementation: the explanation of a ratio."""
+    profiles = {name: profile_shares(step, device) for name, step in steps.items()}
+    shares = {name: share for name, (share, _) in profiles.items()}
     keys = sorted({k for s in shares.values() for k in s}, key=lambda k: -max(s.get(k, 0) for s in shares.values()))
-    print(f"{'operator (self CPU time share)':<40}" + "".join(f"{name:>11}" for name in shares))
+    unit = "GPU kernel time" if device.type == "cuda" else "self CPU time"
+    print(f"{f'share of {unit}':<40}" + "".join(f"{name:>11}" for name in shares))
     for key in keys[:top]:
         print(f"{key[:40]:<40}" + "".join(f"{s.get(key, 0.0):>11.1%}" for s in shares.values()))
-    matmul = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
-    for name, share in shares.items():
-        gemm = sum(v for k, v in share.items() if k in matmul)
-        print(f"{name}: matrix multiplications {gemm:.1%} of the step")
+    print(f"{f'{unit} per step, ms':<40}" + "".join(f"{ms:>11.1f}" for _, ms in profiles.values()))
+    if device.type != "cuda":
+        matmul = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
+        for name, share in shares.items():
+            gemm = sum(v for k, v in share.items() if k in matmul)
+            print(f"{name}: matrix multiplications {gemm:.1%} of the step")
 
 
 def main() -> None:
@@ -191,7 +222,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile per block")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both models")
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
-    parser.add_argument("--profile", action="store_true", help="also print where the step's CPU time goes")
+    parser.add_argument("--profile", action="store_true", help="also print where the time goes (GPU: by kernel kind)")
     parser.add_argument(
         "--autocast", choices=["auto", "none", "bf16"], default="auto", help="auto: bf16 on CUDA, none on CPU"
     )
@@ -247,7 +278,7 @@ def main() -> None:
                 line += f"  {flops_per_image(config, tokens, config.max_length) * batch / seconds / peak:5.1%}"
             print(line, flush=True)
         if args.profile:
-            print_profiles(steps)
+            print_profiles(steps, device)
         del ours, theirs, steps
         runs.clear()
 
