@@ -4,9 +4,9 @@ Layers, from the bottom:
 
 * ``make_scheduler`` / ``sample``: every solver is a diffusers scheduler on the training noise schedule (1000
   linear betas 1e-4..0.02) and runs through the same loop with the same signature.
-* ``classifier_free_guidance``: wraps a conditional model call into a ``Denoiser`` (x_t, t) → output; guidance is
-  applied to the ε (or v) channels in one batched forward, the learned-variance channels come from the
-  conditional branch (as in the official samplers).
+* ``classifier_free_guidance``: wraps a conditional model call (captions, or class labels) into a ``Denoiser``
+  (x_t, t) → output; guidance is applied to the ε (or v) channels in one batched forward, the learned-variance
+  channels come from the conditional branch (as in the official samplers).
 * ``sample_latents``: precomputed caption features + initial noise → final latents (used by the parity tests).
 * ``Pipeline``: prompts → PIL images, from a checkpoint directory, a diffusers pipeline or an official ``.pth``.
 * ``write_samples``: the ``pixart sample`` command: PNGs with their settings, a JSONL manifest, resumable.
@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 NullCaption = Literal["embedding", "t5-empty"]
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output (ε or v[, variance])
+# What a model is conditioned on, batched along dim 0: caption features, or a tensor (class labels).
+Conditioning = TypeVar("Conditioning", Captions, torch.Tensor)
 
 DEFAULT_CFG = 4.5
 
@@ -207,22 +209,24 @@ def call_model(
 
 
 def classifier_free_guidance(
-    model_fn: Callable[[torch.Tensor, torch.Tensor, Captions], torch.Tensor],
-    cond: Captions,
-    uncond: Captions | None,
+    model_fn: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor],
+    cond: Conditioning,
+    uncond: Conditioning | None,
     scale: float,
     channels: int,
 ) -> Denoiser:
-    """Guide ``model_fn(x, t, captions)``: eps = eps_u + scale·(eps_c − eps_u), in one batched forward.
+    """Guide ``model_fn(x, t, cond)``: eps = eps_u + scale·(eps_c − eps_u), in one batched forward.
 
-    Only the first ``channels`` (ε, or v: guidance is the same affine mix either way) are guided; the rest
-    (learned variance) come from the conditional branch. ``scale == 1`` (or no ``uncond``) is plain conditional
-    sampling with a single forward.
+    The conditioning is ``Captions`` (PixArt; padding no caption uses is trimmed once) or a tensor batched along
+    dim 0, e.g. class labels with the null class as ``uncond`` (a class-conditional DiT). Only the first
+    ``channels`` (ε, or v: guidance is the same affine mix either way) are guided; the rest (learned variance) come
+    from the conditional branch. ``scale == 1`` (or no ``uncond``) is plain conditional sampling with a single
+    forward.
     """
     if uncond is None or scale == 1.0:
-        cond = cond.trimmed()
+        cond = _trimmed(cond)
         return lambda x, t: model_fn(x, t, cond)
-    both = Captions.cat([uncond, cond]).trimmed()  # the padding no caption uses costs every step: drop it once
+    both = _trimmed(Captions.cat([uncond, cond]) if isinstance(cond, Captions) else torch.cat([uncond, cond]))
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out_u, out_c = model_fn(torch.cat([x, x]), t, both).chunk(2)
@@ -230,6 +234,11 @@ def classifier_free_guidance(
         return torch.cat([eps, out_c[:, channels:]], dim=1)
 
     return denoise
+
+
+def _trimmed(conditioning: Conditioning) -> Conditioning:
+    """Captions without the padding every row masks out (it costs every step: drop it once); tensors as they are."""
+    return conditioning.trimmed() if isinstance(conditioning, Captions) else conditioning
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from pixart_cli.checkpoint import build_model
 from pixart_cli.data import shapes
 from pixart_cli.data.shapes_detect import detect
 from pixart_cli.init_from_dit import read_dit
-from pixart_cli.sampling import sample, seeded_noise, to_pil
+from pixart_cli.sampling import classifier_free_guidance, sample, seeded_noise, to_pil
 from pixart_cli.train_data import grid
 
 
@@ -38,12 +38,7 @@ def draw(model: torch.nn.Module, labels: list[int], seeds: list[int], *, steps: 
     noise, generators = seeded_noise(seeds, (config.in_channels, config.input_size, config.input_size))
     cond = torch.tensor(labels)
     null = torch.full_like(cond, config.num_classes)
-
-    def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out_u, out_c = model(torch.cat([x, x]), t, torch.cat([null, cond])).float().chunk(2)
-        c = config.in_channels
-        return torch.cat([out_u[:, :c] + cfg * (out_c[:, :c] - out_u[:, :c]), out_c[:, c:]], dim=1)
-
+    denoiser = classifier_free_guidance(lambda x, t, y: model(x, t, y).float(), cond, null, cfg, config.in_channels)
     return sample(
         denoiser,
         noise,

@@ -27,13 +27,14 @@ from pixart_cli.models import PixArtConfig
 from pixart_cli.sampling import (
     SAMPLERS,
     Pipeline,
+    classifier_free_guidance,
     make_scheduler,
     resolve_size,
     sample,
     sample_latents,
     seeded_noise,
 )
-from pixart_cli.text import TextEncoder
+from pixart_cli.text import Captions, TextEncoder
 from pixart_cli.tiny import make_tiny_pixart, make_tiny_t5, make_tiny_vae
 
 TINY = PixArtConfig(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, caption_channels=32)
@@ -238,6 +239,65 @@ def test_multi_scale_snaps_to_buckets_and_matches_diffusers(tmp_path, tiny_t5, c
     # We drop the caption padding diffusers keeps (the same attention, summed in another order): over ten solver
     # steps on a 125×188 latent that rounding grows to ~2.5e-4 at a few of 126k elements.
     torch.testing.assert_close(ours, reference, rtol=5e-4, atol=5e-4)
+
+
+#################################################################################
+#                                    Guidance                                   #
+#################################################################################
+
+
+def _recording_model(calls: list):
+    """A stand-in model: (x, t, conditioning) → (B, 2C, H, W), ε then variance, depending on all three."""
+
+    def model_fn(x, t, conditioning):
+        calls.append(conditioning)
+        if isinstance(conditioning, Captions):
+            code = (conditioning.embeddings * conditioning.mask[..., None]).sum(dim=(1, 2))
+        else:
+            code = conditioning.float() * 0.7 - 1.0  # class labels
+        code = code[:, None, None, None]
+        return torch.cat([torch.sin(x * code + t / 100), torch.cos(x - code)], dim=1)
+
+    return model_fn
+
+
+def test_guidance_with_label_tensors_is_the_explicit_mix():
+    """Class-conditional models (label tensors, the null class as baseline) share the captions' guidance: one
+    batched forward, uncond + scale·(cond − uncond) on the first ``channels``, the rest from the conditional."""
+    channels, scale = 3, 4.5
+    x, t = torch.randn(4, channels, 5, 5, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+    labels, null = torch.tensor([0, 3, 5, 3]), torch.full((4,), 48)
+    calls = []
+    model_fn = _recording_model(calls)
+    out = classifier_free_guidance(model_fn, labels, null, scale, channels)(x, t)
+    assert len(calls) == 1 and torch.equal(calls[0], torch.cat([null, labels]))  # one forward, uncond first
+    out_c, out_u = model_fn(x, t, labels), model_fn(x, t, null)
+    expected = out_u[:, :channels] + scale * (out_c[:, :channels] - out_u[:, :channels])
+    torch.testing.assert_close(out[:, :channels], expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[:, channels:], out_c[:, channels:])  # learned variance: the conditional branch's
+    for plain in (
+        classifier_free_guidance(model_fn, labels, null, 1.0, channels),
+        classifier_free_guidance(model_fn, labels, None, scale, channels),
+    ):
+        calls.clear()
+        assert torch.equal(plain(x, t), out_c) and len(calls) == 1 and torch.equal(calls[0], labels)
+
+
+def test_guidance_with_captions_trims_padding_once_and_mixes():
+    channels, scale = 2, 3.0
+    generator = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, channels, 4, 4, generator=generator), torch.tensor(250)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    cond = Captions(torch.randn(2, 5, 6, generator=generator), mask)
+    uncond = Captions(torch.randn(2, 5, 6, generator=generator), torch.tensor([[1, 0, 0, 0, 0]] * 2))
+    calls = []
+    model_fn = _recording_model(calls)
+    out = classifier_free_guidance(model_fn, cond, uncond, scale, channels)(x, t)
+    assert len(calls) == 1 and calls[0].embeddings.shape == (4, 3, 6)  # one forward; the unused padding dropped
+    out_c, out_u = model_fn(x, t, cond), model_fn(x, t, uncond)
+    expected = out_u[:, :channels] + scale * (out_c[:, :channels] - out_u[:, :channels])
+    torch.testing.assert_close(out[:, :channels], expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[:, channels:], out_c[:, channels:])
 
 
 #################################################################################
