@@ -6,6 +6,7 @@ all (the allocator fragments, so the linear fit is optimistic: the first H100 ru
 prediction), it steps down by 4% until a batch runs. Compare with the official recipe's 38 per GPU. GPU only.
 
     python benchmarks/max_batch.py [--side 64] [--margin-gib 2]
+    python benchmarks/max_batch.py --memory-gib 80 --batches 288,312,336   # an 80 GB card on a larger one
 """
 
 from __future__ import annotations
@@ -44,12 +45,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--side", type=int, default=64, help="latent side (64 = 512 px)")
     parser.add_argument("--margin-gib", type=float, default=2.0)
+    parser.add_argument("--memory-gib", type=float, default=None, help="cap the card's memory (e.g. 80 on an H200)")
+    parser.add_argument("--batches", default="", help="comma-separated batches to try instead of the fit")
     args = parser.parse_args()
+    if args.memory_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
     torch.backends.cuda.matmul.allow_tf32 = True
     model = build_pixart(pixart_config("PixArt-XL/2", input_size=args.side)).cuda()
     model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     total = torch.cuda.get_device_properties(0).total_memory
+    if args.memory_gib:
+        total = min(total, int(args.memory_gib * 2**30))
+    for batch in [int(b) for b in args.batches.split(",") if b]:
+        try:
+            peak, seconds = peak_for(model, opt, args.side, batch)
+            rate = batch / seconds
+            print(f"batch {batch}: fits, peak {peak / 2**30:.1f} GiB, {seconds * 1e3:.0f} ms/step, {rate:.1f} img/s")
+        except torch.cuda.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            print(f"batch {batch}: out of memory within {total / 2**30:.0f} GiB")
+    if args.batches:
+        return
     (m1, s1), (m2, s2) = peak_for(model, opt, args.side, 16), peak_for(model, opt, args.side, 48)
     per_sample = (m2 - m1) / 32
     resident = m1 - 16 * per_sample

@@ -120,7 +120,7 @@ def step_fn(model, kind, batch, autocast_dtype, device):
                     encoder_hidden_states=caption,
                     timestep=t,
                     encoder_attention_mask=mask,
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                    added_cond_kwargs={"resolution": resolution, "aspect_ratio": aspect_ratio},
                 ).sample
             loss = torch.nn.functional.mse_loss(out.float(), target)
         loss.backward()
