@@ -1,5 +1,7 @@
 """Copy trained ShapesWorld weights into the package's assets: EMA weights only, in fp16 (half the bytes).
 
+A checkpoint without EMA weights is taken to be an export of them (`pixart convert RUN -o DIR --ema`).
+
     python scripts/ship_shapes_assets.py dit outputs/shapes-stage1 --note "1000 steps on 2 CPU cores"
     python scripts/ship_shapes_assets.py demo outputs/shapes-experiments/dit-dense-seed0 --note "..."
 
@@ -29,7 +31,9 @@ def ship(kind: str, run: str, note: str) -> Path:
     expected = DiTConfig if kind == "dit" else PixArtConfig
     if not isinstance(checkpoint.config, expected):
         raise SystemExit(f"{source}: a {type(checkpoint.config).__name__} checkpoint, expected {expected.__name__}")
-    weights = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in checkpoint.weights(True).items()}
+    # A training checkpoint holds EMA weights; an exported one (`pixart convert --ema`) already is them.
+    ema = checkpoint.ema_state_dict is not None
+    weights = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in checkpoint.weights(ema).items()}
     meta = dataclasses.replace(checkpoint.meta, source=f"{checkpoint.meta.source}; EMA weights in fp16; {note}")
     target = save_checkpoint(
         Checkpoint(checkpoint.config, weights, None, meta), ASSETS / f"shapes-{kind}", overwrite=True
