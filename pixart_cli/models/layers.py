@@ -101,7 +101,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # B, C, H, W -> B, H*W, C
+        # B, C, H, W -> B, H*W, C, made contiguous once: elementwise ops keep their first operand's layout, so a
+        # transposed view here would carry through every residual add, and every LayerNorm and linear layer of
+        # every block would copy it (forward and backward).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class Mlp(nn.Module):
@@ -128,7 +131,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).unbind(2))
         out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 

@@ -165,7 +165,7 @@ class CrossAttention(nn.Module):
         b, n, c = x.shape
         h, d = self.num_heads, c // self.num_heads
         q = self.q_linear(x).view(b, n, h, d).transpose(1, 2)
-        k, v = self.kv_linear(y).view(b, y.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
+        k, v = (t.transpose(1, 2) for t in self.kv_linear(y).view(b, y.shape[1], 2, h, d).unbind(2))
         out = attention(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
