@@ -95,6 +95,19 @@ def test_shape_word_probe_runs_on_the_demo():
     assert "t0= 300  true caption" in result.stdout and "swapped" in result.stdout
 
 
+def test_relation_probe_runs_on_the_demo():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "relation_probe.py"
+    args = ["builtin:shapes-demo", "--images", "1", "--steps", "4"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "yellow left of blue" in result.stdout and "asked mirrored (seen)" in result.stdout
+    assert "\nall " in result.stdout
+
+
 def test_the_shipped_stage1_dit_draws_its_classes_colours(tmp_path):
     """One image per seen class, ShapesBench sampling: measured colour 1.00 (168 images), shape 0.19 (chance)."""
     import json
