@@ -131,6 +131,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
+        # Split on the q/k/v axis, then move heads forward: the backward stacks the three gradients straight into
+        # the projection's (b, n, 3c) layout (a split after a permute needed one more copy of them per block).
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).unbind(2))
         out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
