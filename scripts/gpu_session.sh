@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One lent-GPU session's work (device tool), inside one command of under ten minutes:
 #   1. generate and cache ShapesWorld scenes in the background, on spare cores at low priority;
-#   2. meanwhile, XL/2 train-step benchmarks against diffusers (256/512 px with torch.compile and a kernel profile,
-#      1024 multi-scale), then the ShapesWorld model's step at a GPU batch;
+#   2. meanwhile, XL/2 train-step benchmarks against diffusers: BENCH=short (default: 256/512 px, ours vs diffusers,
+#      about a minute), BENCH=full (also torch.compile with a kernel profile, 1024 multi-scale and the ShapesWorld
+#      model's step: about four minutes; session 8 ran it), BENCH=none;
 #   3. a ShapesWorld stage-2 restart from the shipped demo for the time left: a short probe run measures the
 #      images/s, which sets the step count so that the cosine decay ends inside the deadline.
-#      DEADLINE=560 SCENES=100000 BATCH=512 bash scripts/gpu_session.sh
+#      DEADLINE=555 SCENES=100000 BATCH=512 BENCH=short bash scripts/gpu_session.sh
 # Expects wheels for packages the machine lacks in .whl/ (diffusers, importlib_metadata) and writes what should come
 # back to $OUT: bench.log, train.log, metrics.jsonl, and the EMA weights (fp16) of the last and the middle checkpoint.
 set -u
@@ -34,26 +35,38 @@ DATA=(--set data.path=/tmp/shapes/manifest.jsonl --set data.cache=/tmp/shapes-ca
   > /tmp/prepare.log 2>&1; echo "prepare exited $? at ${SECONDS} s" >> /tmp/prepare.log) &
 prep=$!
 
-# 2. Benchmarks (SKIP_BENCH=1: none, to try the rest on a CPU).
-[ -z "${SKIP_BENCH:-}" ] && timeout 160 python3 benchmarks/train_step.py --preset xl --iters 4 --warmup 2 --compile --profile 2>&1 \
-  | grep -v USDT | tee "$OUT/bench.log"
-[ -z "${SKIP_BENCH:-}" ] && timeout 50 python3 benchmarks/train_step.py --preset xl-1024 --iters 3 --warmup 1 2>&1 | grep -v USDT \
-  | tee -a "$OUT/bench.log"
+# 2. Benchmarks (SKIP_BENCH=1 or BENCH=none: none, e.g. to try the rest on a CPU).
+BENCH=${BENCH:-short}
+[ -n "${SKIP_BENCH:-}" ] && BENCH=none
+case "$BENCH" in
+  short)
+    timeout 120 python3 benchmarks/train_step.py --preset xl --iters 5 --warmup 2 2>&1 | grep -v USDT \
+      | tee "$OUT/bench.log" ;;
+  full)
+    timeout 160 python3 benchmarks/train_step.py --preset xl --iters 4 --warmup 2 --compile --profile 2>&1 \
+      | grep -v USDT | tee "$OUT/bench.log"
+    timeout 90 python3 benchmarks/train_step.py --preset xl-1024 --iters 3 --warmup 2 --compile 2>&1 \
+      | grep -v USDT | tee -a "$OUT/bench.log" ;;
+esac
 wait $prep
 tail -n 3 /tmp/prepare.log | tee "$OUT/train.log"
-[ -z "${SKIP_BENCH:-}" ] && timeout 40 python3 benchmarks/train_step.py --preset shapes --batch "$BATCH" --iters 6 --warmup 2 --profile 2>&1 \
-  | grep -v USDT | tee -a "$OUT/bench.log"
+[ "$BENCH" = full ] && timeout 40 python3 benchmarks/train_step.py --preset shapes --batch "$BATCH" --iters 6 \
+  --warmup 2 --profile 2>&1 | grep -v USDT | tee -a "$OUT/bench.log"
 
 # 3. ShapesWorld restart from the shipped demo.
 cd /tmp
 TRAIN=(--set model.init=builtin:shapes-demo --set optim.lr=1e-3 --set optim.warmup_steps=200
-       --set train.timesteps=uniform --set train.seed=2 --set "train.batch_size=$BATCH" --set data.num_workers=8
-       --set log.every=100 --set log.sample_every=0)
+       --set train.timesteps=uniform --set "train.seed=${SEED:-2}" --set "train.batch_size=$BATCH"
+       --set data.num_workers=8 --set log.every=100 --set log.sample_every=0)
 timeout 80 python3 -m pixart_cli train "$RECIPE" "${DATA[@]}" "${TRAIN[@]}" --set "train.steps=${PROBE_STEPS:-400}" \
   --set output.dir=/tmp/probe --set output.save_every=100000 > /tmp/probe.log 2>&1
 rate=$(python3 -c "import json; print(json.loads(open('/tmp/probe/metrics.jsonl').readlines()[-1])['images_per_s'])" \
   2>/dev/null || echo 3000)
 left=$((DEADLINE - SECONDS - 40))
+if [ "$left" -lt 60 ]; then
+  echo "only $left s left before the deadline: no training" | tee -a "$OUT/train.log"
+  exit 0
+fi
 steps=$(python3 -c "print(max(200, int($rate * $left * 0.88 / $BATCH) // 100 * 100))")
 echo "probe: $rate img/s; $left s left -> $steps steps of $BATCH" | tee -a "$OUT/train.log"
 timeout -s TERM "$left" python3 -m pixart_cli train "$RECIPE" "${DATA[@]}" "${TRAIN[@]}" --set "train.steps=$steps" \
