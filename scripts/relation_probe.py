@@ -4,8 +4,9 @@ ShapesBench's spatial prompts use held-out arrangements: "an A object left of a 
 but its mirror (B left of A) does. A model that follows the words places A as asked for both prompts; a model that
 learned where each colour pair usually sits places A as in training, so it follows the mirrored (seen) prompt and
 inverts the held-out one. For each of the 8 held-out arrangements this asks both ways, "a {A} {shape} {relation} a
-{B} {shape}", with ``--images`` seeds each (ShapesBench's sampler settings), and the detector reads where the
-largest A-coloured object sits relative to the largest B-coloured one (images missing either colour are skipped).
+{B} {shape}", with ``--images`` seeds each (ShapesBench's sampler settings), and the detector reads the relation
+of the largest A-coloured object to the largest B-coloured one as ShapesBench does (along the dominant axis;
+images missing either colour are skipped).
 
     python scripts/relation_probe.py builtin:shapes-demo
     python scripts/relation_probe.py outputs/shapes-stage2 --images 16
@@ -19,9 +20,8 @@ from pixart_cli.data import shapes
 from pixart_cli.data.shapes_detect import Detections, detect
 from pixart_cli.sampling import Pipeline, make_jobs
 
-# How each relation reads in a prompt, and the sign of (A − B) along the axis it names (image y grows downwards).
+# How each relation reads in a prompt.
 WORDING = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
-AXIS_SIGN = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
 
 
 def seen_shape(colour: str, avoid: str = "") -> str:
@@ -31,12 +31,10 @@ def seen_shape(colour: str, avoid: str = "") -> str:
 
 def placed_as_asked(detections: Detections, a: str, b: str, relation: str) -> bool | None:
     """Whether the largest ``a`` object stands ``relation`` the largest ``b`` one; None when either is missing."""
-    first = next((o for o in detections.objects if o.colour == a), None)
-    second = next((o for o in detections.objects if o.colour == b), None)
-    if first is None or second is None:
+    colours = [o.colour for o in detections.objects]  # largest first
+    if a not in colours or b not in colours:
         return None
-    axis, sign = AXIS_SIGN[relation]
-    return (first.centre[axis] - second.centre[axis]) * sign > 0
+    return detections.relation(colours.index(a), colours.index(b)) == relation
 
 
 def main() -> None:
