@@ -240,7 +240,14 @@ def official_to_ours(state_dict: StateDict, config: PixArtConfig, what: str) -> 
     return sd
 
 
+def check_adaln_single(config: PixArtConfig, target: str) -> None:
+    """Official and diffusers PixArt models are adaLN-single; per-block adaLN exists only for ablations here."""
+    if config.adaln != "single":
+        raise PixartError(f"{target} has no per-block adaLN (model.adaln={config.adaln!r}); only adaLN-single converts")
+
+
 def ours_to_official(state_dict: StateDict, config: PixArtConfig) -> StateDict:
+    check_adaln_single(config, "the official PixArt layout")
     dtype = state_dict["t_block.1.weight"].dtype
     return {**state_dict, "pos_embed": expected_pos_embed(config).to(dtype)}
 
@@ -252,6 +259,7 @@ def ours_to_official(state_dict: StateDict, config: PixArtConfig) -> StateDict:
 
 def diffusers_transformer_config(config: PixArtConfig) -> dict:
     """The ``PixArtTransformer2DModel`` constructor arguments for a PixArt config."""
+    check_adaln_single(config, "diffusers' PixArtTransformer2DModel")
     if config.mlp_ratio != 4.0:
         raise PixartError(f"diffusers' PixArtTransformer2DModel only supports mlp_ratio 4, not {config.mlp_ratio}")
     scale = config.interpolation_scale

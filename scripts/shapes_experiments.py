@@ -16,14 +16,16 @@ choices (``PAPER``: ε prediction, uniform timesteps, constant lr) and then chan
 * ``scratch-dense-v-cosine``, ``scratch-dense-v-logitnormal-cosine``: the same predicting v instead of ε (the
   latter is the recipe from scratch: the shipped demo's settings).
 * ``dit-v-dense``   the recipe as it is: claim (a) with the v-prediction recipe, from ``--stage1``.
+* ``scratch-adaln-block`` the recipe from scratch with DiT's per-block adaLN instead of adaLN-single (claim c;
+  compare with ``scratch-dense-v-logitnormal-cosine``).
 
 Every ``--eval-every`` steps the checkpoint is scored on the first ``--limit`` held-out prompts (one image each,
 20 DPM-Solver steps, CFG 4.5), which gives accuracy against training time. Results are appended to
 ``OUT/results.jsonl`` (one line per arm, seed and checkpoint) and summarised as Markdown tables in
 ``OUT/results.md``; reruns skip what is done and resume interrupted training (``--resume auto``).
 
-It also prints the parameter count of adaLN-single against per-block adaLN at the shapes size and at XL/2
-(claim c): our PixArt has no per-block-adaLN switch, so quality is not compared.
+It also prints the parameter count of adaLN-single against per-block adaLN (``model.config.adaln``) at the
+shapes size and at XL/2 (claim c).
 
     python scripts/shapes_experiments.py --steps 2000 --eval-every 500 --limit 200 --threads 1   # ~30 min an arm
     python scripts/shapes_experiments.py --arms dit-dense --steps 3000     # one longer arm
@@ -62,6 +64,7 @@ ARMS: dict[str, list[str]] = {  # "model.init" of the dit-* arms: --stage1
     "scratch-dense-v-cosine": [*SCRATCH, "train.timesteps=uniform"],
     "scratch-dense-v-logitnormal-cosine": SCRATCH,
     "dit-v-dense": [],
+    "scratch-adaln-block": [*SCRATCH, "model.config.adaln=block"],
 }
 REPORTED = ("color", "shape", "spatial", "complex")
 
@@ -143,24 +146,31 @@ def table(rows: list[dict]) -> str:
 
 def adaln_parameters() -> str:
     """Parameters of the adaLN conditioning: one shared MLP + per-block tables vs one MLP per block (DiT)."""
+    import dataclasses
+
     import torch
 
     from pixart_cli.models import build_pixart, pixart_config
+
+    def count(config, adaln: str) -> tuple[int, int]:
+        with torch.device("meta"):
+            model = build_pixart(dataclasses.replace(config, adaln=adaln))
+        named = dict(model.named_parameters())
+        modulation = sum(
+            p.numel()
+            for k, p in named.items()
+            if k.startswith(("t_block", "blocks."))
+            and ("scale_shift_table" in k or "adaLN_modulation" in k or k.startswith("t_block"))
+        )
+        return modulation, sum(p.numel() for p in named.values())
 
     lines = ["| model | adaLN-single | per-block adaLN | whole model, single | whole model, per-block | saved |"]
     lines.append("|---|---|---|---|---|---|")
     shapes = load_recipe(RECIPE)[0].model_config()
     for name, config in (("shapes (6 × 240)", shapes), ("XL/2", pixart_config("PixArt-XL/2"))):
-        with torch.device("meta"):
-            model = build_pixart(config)
-        total = sum(p.numel() for p in model.parameters())
-        h, depth = config.hidden_size, config.depth
-        single = sum(p.numel() for p in model.t_block.parameters()) + depth * 6 * h
-        per_block = depth * (h * 6 * h + 6 * h)  # DiT: Linear(h, 6h) in every block, no shared table
-        other = total - single
+        (single, total), (per_block, total_block) = count(config, "single"), count(config, "block")
         lines.append(
-            f"| {name} | {single:,} | {per_block:,} | {total:,} | {other + per_block:,} |"
-            f" {1 - total / (other + per_block):.1%} |"
+            f"| {name} | {single:,} | {per_block:,} | {total:,} | {total_block:,} | {1 - total / total_block:.1%} |"
         )
     return "\n".join(lines)
 

@@ -205,3 +205,17 @@ def test_v_prediction_is_refused_where_the_target_cannot_record_it(tmp_path):
         assert not out.exists()
     assert cli("convert", src, "-o", tmp_path / "copy").exit_code == 0
     assert load_checkpoint(tmp_path / "copy").config.prediction_type == "v_prediction"
+
+
+def test_per_block_adaln_round_trips_ours_and_is_refused_elsewhere(tmp_path):
+    """The ablation's per-block adaLN model saves and loads strictly; official and diffusers have no such model."""
+    config = dataclasses.replace(TINY_PIXART, adaln="block")
+    src, model = make_checkpoint(tmp_path, config)
+    loaded = load_checkpoint(src)
+    assert loaded.config.adaln == "block"
+    x, t, caption, mask = inputs(config)
+    torch.testing.assert_close(instantiate(loaded)(x, t, caption, mask), model(x, t, caption, mask))
+    for target, out in (("official", tmp_path / "b.pth"), ("diffusers", tmp_path / "b-diffusers")):
+        result = cli("convert", src, "-o", out, "--to", target)
+        assert result.exit_code == 2 and "adaLN" in result.output, result.output
+        assert not out.exists()

@@ -56,6 +56,30 @@ def test_timestep_embedding_is_cos_sin_without_frequency_shift():
     torch.testing.assert_close(timestep_embedding(t, 256), theirs, rtol=0, atol=1e-6)
 
 
+def test_per_block_adaln_is_the_papers_baseline():
+    """adaln="block": DiT's adaLN MLP in every block (the paper's 833M-parameter baseline), starting at zero."""
+    with torch.device("meta"):
+        per_block = n_params(build_pixart(pixart_config("PixArt-XL/2", adaln="block")))
+    hidden, depth = 1152, 28
+    # every block gains a (hidden → 6·hidden) MLP; the shared t_block and the per-block tables go
+    assert per_block - 610_856_096 == (depth - 1) * (6 * hidden * hidden + 6 * hidden) - depth * 6 * hidden
+
+    config = dataclasses.replace(TINY_PIXART, adaln="block")
+    model = build_pixart(config)
+    keys = set(model.state_dict())
+    assert "blocks.0.adaLN_modulation.1.weight" in keys
+    assert not any("t_block" in k or k.startswith("blocks.0.scale_shift_table") for k in keys)
+    hidden_states, text = torch.randn(2, 16, config.hidden_size), torch.randn(2, 5, config.hidden_size)
+    t0 = torch.randn(2, config.hidden_size)
+    assert torch.equal(model.blocks[0](hidden_states, text, t0, None), hidden_states)  # adaLN-Zero: identity
+    model = randomize(model)
+    x, t, caption = _inputs(config)
+    model(x, t, caption).square().mean().backward()
+    assert model.blocks[0].adaLN_modulation[1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="adaln must be one of"):
+        dataclasses.replace(TINY_PIXART, adaln="zero")
+
+
 def test_build_pixart_picks_the_class():
     assert type(build_pixart(TINY_PIXART)) is PixArt
     assert type(build_pixart(TINY_PIXART_MS)) is PixArtMS

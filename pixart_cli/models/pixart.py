@@ -18,7 +18,9 @@ Names (ours → official → diffusers): ``interpolation_scale`` → ``lewei_sca
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -45,6 +47,9 @@ from pixart_cli.models.layers import (
 #################################################################################
 
 
+AdaLNKind = Literal["single", "block"]
+ADALN_KINDS: tuple[str, ...] = typing.get_args(AdaLNKind)
+
 _POSITIVE = ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "caption_channels",
              "max_length")  # fmt: skip
 
@@ -66,6 +71,10 @@ class PixArtConfig:
     max_length: int = 120  # caption tokens (T5 padding length, rows of the null caption)
     interpolation_scale: float = 1.0  # positional-embedding scale: 1 for 256/512 models, 2 for 1024
     multi_scale: bool = False  # PixArtMS: image-size and aspect-ratio conditioning
+    # "single": the paper's adaLN-single (one shared t_block, a learned table per block). "block": DiT's
+    # per-block adaLN MLP in every block instead — the paper's baseline, for ablations only (no official or
+    # diffusers equivalent).
+    adaln: AdaLNKind = "single"
     variant: str | None = None  # informational name, e.g. "PixArt-XL/2"
 
     def __post_init__(self) -> None:
@@ -74,6 +83,8 @@ class PixArtConfig:
             raise ValueError(f"a multi-scale model needs hidden_size divisible by 3, got {self.hidden_size}")
         if self.mlp_ratio <= 0 or self.interpolation_scale <= 0:
             raise ValueError("mlp_ratio and interpolation_scale must be positive")
+        if self.adaln not in ADALN_KINDS:
+            raise ValueError(f"adaln must be one of {ADALN_KINDS}, got {self.adaln!r}")
 
     @property
     def out_channels(self) -> int:
@@ -171,21 +182,34 @@ class CrossAttention(nn.Module):
 
 
 class PixArtBlock(nn.Module):
-    """Self-attention, cross-attention (no norm, no gate) and MLP, modulated by adaLN-single."""
+    """Self-attention, cross-attention (no norm, no gate) and MLP, modulated by adaLN-single.
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int) -> None:
+    With ``adaln="block"`` the block computes its own modulation from the conditioning vector with DiT's
+    per-block MLP (``adaLN_modulation``) instead of adding its table to the shared ``t_block`` output.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int, adaln: AdaLNKind = "single") -> None:
         super().__init__()
         self.norm1 = layer_norm(hidden_size)
         self.attn = SelfAttention(hidden_size, num_heads)
         self.cross_attn = CrossAttention(hidden_size, num_heads)
         self.norm2 = layer_norm(hidden_size)
         self.mlp = Mlp(hidden_size, mlp_hidden, hidden_size)
-        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+        if adaln == "single":
+            self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def modulation(self, t0: torch.Tensor) -> torch.Tensor:
+        """(B, 6, hidden): shift, scale and gate of the attention and MLP branches."""
+        if hasattr(self, "adaLN_modulation"):
+            return self.adaLN_modulation(t0).reshape(t0.shape[0], 6, -1)
+        return self.scale_shift_table[None] + t0.reshape(t0.shape[0], 6, -1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t0.reshape(x.shape[0], 6, -1)
-        ).chunk(6, dim=1)
+        """``t0``: the shared ``t_block`` output (B, 6·hidden), or the conditioning vector (B, hidden) for
+        per-block adaLN."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t0).chunk(6, dim=1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + self.cross_attn(x, y, mask)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -215,16 +239,22 @@ class PixArt(nn.Module):
         self.gradient_checkpointing = False
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
         self.t_embedder = TimestepEmbedder(c.hidden_size)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 6 * c.hidden_size))
+        if c.adaln == "single":
+            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 6 * c.hidden_size))
         self.y_embedder = CaptionEmbedder(c.caption_channels, c.hidden_size, c.max_length)
-        self.blocks = nn.ModuleList([PixArtBlock(c.hidden_size, c.num_heads, c.mlp_hidden) for _ in range(c.depth)])
+        self.blocks = nn.ModuleList(
+            [PixArtBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.adaln) for _ in range(c.depth)]
+        )
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self.initialize_weights()
 
     # -- initialisation ---------------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
-        """The official initialisation: xavier-uniform linears, N(0, 0.02) embedders, zero output projections."""
+        """The official initialisation: xavier-uniform linears, N(0, 0.02) embedders, zero output projections.
+
+        Per-block adaLN starts at zero as in DiT (adaLN-Zero: every gate closed, each block the identity).
+        """
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -232,17 +262,16 @@ class PixArt(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        for linear in (
-            self.t_embedder.mlp[0],
-            self.t_embedder.mlp[2],
-            self.t_block[1],
-            self.y_embedder.y_proj.fc1,
-            self.y_embedder.y_proj.fc2,
-        ):
+        embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1]
+        embedders += [self.y_embedder.y_proj.fc2, *([self.t_block[1]] if self.config.adaln == "single" else [])]
+        for linear in embedders:
             nn.init.normal_(linear.weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
+            if self.config.adaln == "block":
+                nn.init.zeros_(block.adaLN_modulation[1].weight)
+                nn.init.zeros_(block.adaLN_modulation[1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -295,7 +324,7 @@ class PixArt(nn.Module):
             timestep = timestep.expand(b)
         x = self.x_embedder(x) + self.pos_embed(gh, gw, x.device, x.dtype)
         t = self.condition(timestep, resolution, aspect_ratio)
-        t0 = self.t_block(t)
+        t0 = self.t_block(t) if self.config.adaln == "single" else t
         y = self.y_embedder(caption.to(x.dtype), drop_caption)
         mask = None
         if caption_mask is not None:
