@@ -4,9 +4,11 @@
 #   2. meanwhile, XL/2 train-step benchmarks against diffusers: BENCH=short (default: 256/512 px, ours vs diffusers,
 #      about a minute), BENCH=full (also torch.compile with a kernel profile, 1024 multi-scale and the ShapesWorld
 #      model's step: about four minutes; session 8 ran it), BENCH=none;
-#   3. a ShapesWorld stage-2 restart from the shipped demo for the time left: a short probe run measures the
-#      images/s, which sets the step count so that the cosine decay ends inside the deadline.
+#   3. a ShapesWorld stage-2 restart from INIT (default: the shipped demo) with text encoder T5 (default
+#      builtin:shapes-t5) for the time left: a short probe run measures the images/s, which sets the step count so
+#      that the cosine decay ends inside the deadline.
 #      DEADLINE=555 SCENES=100000 BATCH=512 BENCH=short bash scripts/gpu_session.sh
+#      INIT=$PWD/.gl/ft-ema T5=builtin:shapes-t5-roles BENCH=none bash scripts/gpu_session.sh   # carry .gl/ft-ema
 # Expects wheels for packages the machine lacks in .whl/ (diffusers, importlib_metadata) and writes what should come
 # back to $OUT: bench.log, train.log, metrics.jsonl, and the EMA weights (fp16) of the last and the middle checkpoint.
 set -u
@@ -28,7 +30,7 @@ diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', a
 
 RECIPE=$REPO/recipes/shapes/stage2.yaml
 DATA=(--set data.path=/tmp/shapes/manifest.jsonl --set data.cache=/tmp/shapes-cache
-      --set "data.shapes.n=${SCENES:-100000}" --set data.shapes.workers=12)
+      --set "data.shapes.n=${SCENES:-100000}" --set data.shapes.workers=12 --set "data.text_encoder=${T5:-builtin:shapes-t5}")
 
 # 1. Scenes and their caption features, beside the benchmarks (which need one core each).
 (cd /tmp && nice -n 19 python3 -m pixart_cli prepare "$RECIPE" "${DATA[@]}" --batch-size 1024 --workers 8 \
@@ -55,7 +57,7 @@ tail -n 3 /tmp/prepare.log | tee "$OUT/train.log"
 
 # 3. ShapesWorld restart from the shipped demo.
 cd /tmp
-TRAIN=(--set model.init=builtin:shapes-demo --set optim.lr=1e-3 --set optim.warmup_steps=200
+TRAIN=(--set "model.init=${INIT:-builtin:shapes-demo}" --set optim.lr=1e-3 --set optim.warmup_steps=200
        --set train.timesteps=uniform --set "train.seed=${SEED:-2}" --set "train.batch_size=$BATCH"
        --set data.num_workers=8 --set log.every=100 --set log.sample_every=0)
 timeout 80 python3 -m pixart_cli train "$RECIPE" "${DATA[@]}" "${TRAIN[@]}" --set "train.steps=${PROBE_STEPS:-400}" \
