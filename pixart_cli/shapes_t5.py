@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pixart_cli.data.shapes import RELATIONS, Scene, caption, sample_scene
+
 logger = logging.getLogger(__name__)
 
 PRETRAIN_STEPS = 1500
@@ -34,11 +36,9 @@ _LR = 2e-3
 _MASK_RATE = 0.15  # fraction of tokens text infilling hides (in spans of mean length 3)
 
 
-def role_tags(text: str, scene, offsets: list[tuple[int, int]]) -> list[int]:
+def role_tags(text: str, scene: Scene, offsets: list[tuple[int, int]]) -> list[int]:
     """Per token: the index in ``RELATIONS`` of its object's place relative to the other object, for the tokens
     of each "<colour> <shape>" mention in a two-object caption; -100 (ignored) elsewhere."""
-    from pixart_cli.data.shapes import RELATIONS
-
     tags = [-100] * len(offsets)
     if len(scene.objects) != 2:
         return tags
@@ -52,8 +52,6 @@ def role_tags(text: str, scene, offsets: list[tuple[int, int]]) -> list[int]:
 
 
 def _corpus(tokenizer, scenes: int) -> tuple[list[list[int]], list[list[int]]]:
-    from pixart_cli.data.shapes import caption, sample_scene
-
     ids, tags = [], []
     for i in range(scenes):
         scene = sample_scene(i, split="train")
@@ -110,8 +108,6 @@ def pretrain_shapes_t5(directory: str | Path, steps: int = PRETRAIN_STEPS, seed:
 def _pretrain(config, ids, tags, tokenizer, steps: int, rng: np.random.Generator):
     """Encoder + decoder + tagging head trained together; returns the encoder alone."""
     from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
-
-    from pixart_cli.data.shapes import RELATIONS
 
     model = T5ForConditionalGeneration(
         T5Config(**{**config.to_dict(), "num_decoder_layers": 2, "is_encoder_decoder": True})

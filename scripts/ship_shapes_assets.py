@@ -4,6 +4,7 @@ A checkpoint without EMA weights is taken to be an export of them (`pixart conve
 
     python scripts/ship_shapes_assets.py dit outputs/shapes-stage1 --note "1000 steps on 2 CPU cores"
     python scripts/ship_shapes_assets.py demo outputs/shapes-experiments/dit-dense-seed0 --note "..."
+    python scripts/ship_shapes_assets.py demo RUN --text-encoder builtin:shapes-t5-roles --note "..."
 
 ``dit`` writes ``pixart_cli/assets/shapes-dit`` (the stage-1 class-conditional DiT, DiT's own key layout in
 safetensors), ``demo`` writes ``pixart_cli/assets/shapes-demo`` (the default model of ``pixart sample``). A run
@@ -25,7 +26,7 @@ from pixart_cli.models import DiTConfig, PixArtConfig
 BUDGET_MB = 30.0
 
 
-def ship(kind: str, run: str, note: str) -> Path:
+def ship(kind: str, run: str, note: str, text_encoder: str | None = None) -> Path:
     source = latest_in_run(run)
     checkpoint = load_checkpoint(source)
     expected = DiTConfig if kind == "dit" else PixArtConfig
@@ -35,6 +36,8 @@ def ship(kind: str, run: str, note: str) -> Path:
     ema = checkpoint.ema_state_dict is not None
     weights = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in checkpoint.weights(ema).items()}
     meta = dataclasses.replace(checkpoint.meta, source=f"{checkpoint.meta.source}; EMA weights in fp16; {note}")
+    if text_encoder is not None:  # e.g. a run that read a local copy of a builtin T5
+        meta = dataclasses.replace(meta, text_encoder=text_encoder)
     target = save_checkpoint(
         Checkpoint(checkpoint.config, weights, None, meta), ASSETS / f"shapes-{kind}", overwrite=True
     )
@@ -50,8 +53,9 @@ def main() -> None:
     parser.add_argument("kind", choices=["dit", "demo"])
     parser.add_argument("run", help="a training run directory or checkpoint directory")
     parser.add_argument("--note", default="", help="how it was trained (kept in config.yaml)")
+    parser.add_argument("--text-encoder", help="record this text encoder instead, e.g. builtin:shapes-t5-roles")
     args = parser.parse_args()
-    ship(args.kind, args.run, args.note)
+    ship(args.kind, args.run, args.note, args.text_encoder)
 
 
 if __name__ == "__main__":
