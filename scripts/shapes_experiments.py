@@ -156,11 +156,11 @@ def adaln_parameters() -> str:
         with torch.device("meta"):
             model = build_pixart(dataclasses.replace(config, adaln=adaln))
         named = dict(model.named_parameters())
+        per_block = ("scale_shift_table", "adaLN_modulation")  # blocks.i.<one of these>
         modulation = sum(
             p.numel()
             for k, p in named.items()
-            if k.startswith(("t_block", "blocks."))
-            and ("scale_shift_table" in k or "adaLN_modulation" in k or k.startswith("t_block"))
+            if k.startswith("t_block.") or (k.startswith("blocks.") and k.split(".")[2] in per_block)
         )
         return modulation, sum(p.numel() for p in named.values())
 

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from pixart_cli.data.shapes import COLOUR_NAMES, HELDOUT_ARRANGEMENTS, RELATIONS, caption, sample_scene
+from pixart_cli.data.shapes import COLOUR_NAMES, HELDOUT_ARRANGEMENTS, RELATIONS, arrangement, caption, sample_scene
 from pixart_cli.demo import SHAPES_T5
 from pixart_cli.text import TextEncoder
 
@@ -36,19 +36,13 @@ def relation_items(n: int, seed: int, *, heldout: bool) -> tuple[list[str], torc
         scene = sample_scene(seed * 1_000_003 + i, num_objects=2, split="all" if heldout else "train")
         i += 1
         a, b = scene.objects
-        pair = sorted([(a.colour, scene.relation(0, 1), b.colour), (b.colour, scene.relation(1, 0), a.colour)])
-        if heldout and not any(_canonical(p) in HELDOUT_ARRANGEMENTS for p in pair):
+        if heldout and arrangement(a.colour, scene.relation(0, 1), b.colour) not in HELDOUT_ARRANGEMENTS:
             continue
         q = i % 2  # ask about either object
         texts.append(caption(scene, "dense", seed=seed * 1_000_003 + i))
         colours.append(COLOUR_NAMES.index(scene.objects[q].colour))
         labels.append(RELATIONS.index(scene.relation(q, 1 - q)))
     return texts, torch.tensor(colours), torch.tensor(labels)
-
-
-def _canonical(arrangement: tuple[str, str, str]) -> tuple[str, str, str]:
-    a, rel, b = arrangement
-    return (b, {"right of": "left of", "below": "above"}[rel], a) if rel in ("right of", "below") else arrangement
 
 
 class Probe(nn.Module):

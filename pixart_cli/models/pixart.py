@@ -262,8 +262,11 @@ class PixArt(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1]
-        embedders += [self.y_embedder.y_proj.fc2, *([self.t_block[1]] if self.config.adaln == "single" else [])]
+        # The official order (it fixes which random numbers each layer draws from a seed).
+        embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2]]
+        if self.config.adaln == "single":
+            embedders.append(self.t_block[1])
+        embedders += [self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
         for linear in embedders:
             nn.init.normal_(linear.weight, std=0.02)
         for block in self.blocks:
