@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from pixart_cli.data.buckets import Buckets
-from pixart_cli.data.cache import INDEX
+from pixart_cli.data.cache import INDEX, same_component
 from pixart_cli.data.loader import CachedDataset, LoaderBatches, OnTheFlyDataset, make_loader
 from pixart_cli.data.sources import read_source
 from pixart_cli.errors import PixartError
@@ -68,6 +68,14 @@ def _check_cache(index: dict, recipe: Recipe, cache: Path) -> None:
             )
         if index.get("max_length") not in (None, config.max_length):
             problems.append(f"captions are {index['max_length']} tokens, the model takes {config.max_length}")
+        # Features of another encoder would train the model on the wrong inputs without a sound.
+        if not same_component(index.get("text_encoder"), recipe.data.text_encoder):
+            problems.append(
+                f"its captions were encoded by {index['text_encoder']}, data.text_encoder is "
+                f"{recipe.data.text_encoder} (prepare another cache, or name that encoder)"
+            )
+    if not same_component(index.get("vae"), recipe.data.vae):
+        problems.append(f"it was encoded by the VAE {index['vae']}, data.vae is {recipe.data.vae}")
     if index.get("latent_channels") not in (None, config.in_channels):
         problems.append(f"latents have {index['latent_channels']} channels, the model takes {config.in_channels}")
     if problems:

@@ -338,6 +338,27 @@ def test_missing_data_and_unwritable_output(world, tmp_path):
     assert not data.exists()
 
 
+def test_a_cache_of_another_encoders_features_is_refused(world, tmp_path):
+    """Features are what the model learns to read: a cache encoded by another T5 (or VAE) than the recipe names
+    would train it on the wrong inputs without a sound. The same encoder under another name is accepted."""
+    import shutil
+
+    from pixart_cli.components import ASSETS
+    from pixart_cli.data.cache import same_component
+
+    other = shutil.copytree(world / "t5", tmp_path / "t5-other")
+    args = stage2_args(world, tmp_path / "run", steps=1)
+    result = runner.invoke(
+        app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *args, "--set", f"data.text_encoder={other}"]
+    )
+    one_line_error(result, "data.cache", "encoded by", "data.text_encoder")
+    result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *args, "--set", "data.vae=sd-vae"])
+    one_line_error(result, "data.cache", "data.vae")
+    assert same_component("builtin:shapes-t5", str(ASSETS / "shapes-t5"))
+    assert not same_component("builtin:shapes-t5", "builtin:shapes-t5-roles")
+    assert same_component(str(world / "t5"), str(world / "t5" / ".." / "t5")) and same_component(None, "x")
+
+
 def test_every_rank_may_check_the_output_dir_at_once(tmp_path):
     """Each rank of a launch proves the output directory writable at the same moment (CI once lost this race)."""
     from concurrent.futures import ThreadPoolExecutor

@@ -47,7 +47,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pixart_cli.components import Autoencoder, load_autoencoder
+from pixart_cli.components import BUILTIN, Autoencoder, load_autoencoder, resolve_builtin
 from pixart_cli.data.buckets import Buckets, assign_buckets
 from pixart_cli.data.sources import Record, Source, SourceKind, read_source
 from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, Resample, load_pixels
@@ -103,6 +103,21 @@ def _identity_of(value: object) -> str:
         text = os.fspath(value)
         return os.path.abspath(text) if os.path.isdir(text) else text
     return type(value).__name__
+
+
+def same_component(recorded: str | None, named: str | None) -> bool:
+    """Whether a cache's recorded text encoder or VAE is the one a recipe names (``builtin:X`` and its asset path
+    are the same; a local directory compares by absolute path). Unrecorded or unnamed: nothing to compare."""
+    return recorded is None or named is None or _canonical(recorded) == _canonical(named)
+
+
+def _canonical(name: str) -> str:
+    if name.startswith(BUILTIN):
+        try:
+            name = resolve_builtin(name)
+        except PixartError:  # an asset this install lacks: compare by name
+            return name
+    return os.path.abspath(name) if os.path.isdir(name) else name
 
 
 def _records_digest(records: Sequence[Record]) -> str:
