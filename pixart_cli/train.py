@@ -52,6 +52,7 @@ from pixart_cli.checkpoint import (
     read_config,
     write_checkpoint_files,
 )
+from pixart_cli.data.cache import same_component
 from pixart_cli.data.loader import step_generator
 from pixart_cli.diffusion import GaussianDiffusion
 from pixart_cli.errors import PixartError
@@ -187,6 +188,9 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> Initial
         use_ema = recipe.model.init_weights == "ema" and checkpoint.ema_state_dict is not None
         weights = checkpoint.ema_state_dict if use_ema else checkpoint.state_dict
         source = f"{'EMA' if use_ema else 'model'} weights from {init}"
+        read = checkpoint.meta.text_encoder
+        if not same_component(read, recipe.data.text_encoder):  # allowed (a switch of encoder), never unsaid
+            source += f"; it learned to read {read}'s features and now reads {recipe.data.text_encoder}'s"
         prediction_type = checkpoint.config.prediction_type
     expected = expected_shapes(config)
     fresh = [k for k in expected if k not in weights]

@@ -354,6 +354,15 @@ def test_a_cache_of_another_encoders_features_is_refused(world, tmp_path):
     one_line_error(result, "data.cache", "encoded by", "data.text_encoder")
     result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *args, "--set", "data.vae=sd-vae"])
     one_line_error(result, "data.cache", "data.vae")
+    # A model that read another encoder may start here (switching encoders is allowed), but the log says so.
+    from pixart_cli.models import PixArtConfig
+    from pixart_cli.tiny import make_tiny_pixart
+
+    config = PixArtConfig(**yaml.safe_load(TINY_MODEL))
+    init = make_tiny_pixart(tmp_path / "init", config, text_encoder="builtin:shapes-t5")
+    result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *args, "--set", f"model.init={init}"])
+    assert result.exit_code == 0, result.output
+    assert "learned to read builtin:shapes-t5's features" in " ".join(result.output.split()), result.output
     assert same_component("builtin:shapes-t5", str(ASSETS / "shapes-t5"))
     assert not same_component("builtin:shapes-t5", "builtin:shapes-t5-roles")
     assert same_component(str(world / "t5"), str(world / "t5" / ".." / "t5")) and same_component(None, "x")
