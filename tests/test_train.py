@@ -345,6 +345,8 @@ def test_a_cache_of_another_encoders_features_is_refused(world, tmp_path):
 
     from pixart_cli.components import ASSETS
     from pixart_cli.data.cache import same_component
+    from pixart_cli.models import PixArtConfig
+    from pixart_cli.tiny import make_tiny_pixart
 
     other = shutil.copytree(world / "t5", tmp_path / "t5-other")
     args = stage2_args(world, tmp_path / "run", steps=1)
@@ -355,9 +357,6 @@ def test_a_cache_of_another_encoders_features_is_refused(world, tmp_path):
     result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *args, "--set", "data.vae=sd-vae"])
     one_line_error(result, "data.cache", "data.vae")
     # A model that read another encoder may start here (switching encoders is allowed), but the log says so.
-    from pixart_cli.models import PixArtConfig
-    from pixart_cli.tiny import make_tiny_pixart
-
     config = PixArtConfig(**yaml.safe_load(TINY_MODEL))
     init = make_tiny_pixart(tmp_path / "init", config, text_encoder="builtin:shapes-t5")
     result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *args, "--set", f"model.init={init}"])

@@ -117,7 +117,7 @@ def _canonical(name: str) -> str:
             name = resolve_builtin(name)
         except PixartError:  # an asset this install lacks: compare by name
             return name
-    return os.path.abspath(name) if os.path.isdir(name) else name
+    return _identity_of(name)  # as `prepare` records it
 
 
 def _records_digest(records: Sequence[Record]) -> str:
