@@ -7,12 +7,16 @@ import dataclasses
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from pixart_cli.components import VAE, load_vae
 from pixart_cli.data import shapes
 from pixart_cli.data.shapes import (
     BACKGROUNDS,
@@ -396,3 +400,19 @@ def test_scores_separate_the_failure_modes():
         _two_object_image(("circle", "red"), ("square", "blue")), PromptSpec((ObjectSpec("circle", "red"),))
     )
     assert single["spatial"] is None and single["size"] is None and single["binding"] and not single["count"]
+
+
+def test_autoencoder_script_writes_a_vae_the_pipeline_reads(tmp_path):
+    """scripts/shapes_autoencoder.py: two steps of a tiny AutoencoderKL, scored by the detector, saved so that
+    `data.vae` can name it (scaling factor set from its latents)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "shapes_autoencoder.py"
+    args = ["-o", str(tmp_path / "vae"), "--steps", "2", "--eval-every", "2", "--eval-scenes", "6", "--width", "8"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "detector on the original pixels" in result.stdout
+    (row,) = [json.loads(line) for line in (tmp_path / "vae" / "results.jsonl").read_text().splitlines()]
+    assert row["step"] == 2 and row["downsample"] == 4 and 0 <= row["scenes_all_right"] <= 1
+    vae = VAE(load_vae(str(tmp_path / "vae")))
+    assert vae.downsample == 4 and vae.scaling_factor == pytest.approx(1 / row["latent_std"], rel=1e-5)
+    mean, _ = vae.encode(torch.zeros(1, 3, 32, 32))
+    assert mean.shape == (1, 4, 8, 8) and vae.decode(mean).shape == (1, 3, 32, 32)
