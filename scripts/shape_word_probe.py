@@ -45,8 +45,8 @@ def denoise_from(model, images: torch.Tensor, t0: int, captions, null, *, steps:
     timesteps = [t for t in scheduler.timesteps.tolist() if t <= t0]
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     x = scheduler.add_noise(images, noise, torch.tensor([timesteps[0]]))
-    channels = images.shape[1]
-    denoiser = classifier_free_guidance(lambda x, t, c: call_model(model, x, t, c), captions, null, cfg, channels)
+    channels, size = images.shape[1], tuple(images.shape[2:])
+    denoiser = classifier_free_guidance(lambda x, t, c: call_model(model, x, t, c, size), captions, null, cfg, channels)
     options = step_options("ddim", clip_x0=True)
     for t in timesteps:
         x = scheduler.step(denoiser(x, torch.tensor(t))[:, :channels], t, x, **options, return_dict=False)[0]
@@ -60,7 +60,7 @@ def clean_image_error(model, images: torch.Tensor, t0: int, captions, seed: int)
     t = torch.full((len(images),), t0)
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     x_t = diffusion.q_sample(images, t, noise)
-    output = call_model(model, x_t, t, captions)
+    output = call_model(model, x_t, t, captions, tuple(images.shape[2:]))
     pred_x0 = diffusion.p_mean_variance(output, x_t, t).pred_x0
     return ((pred_x0.clamp(-1, 1) - images) ** 2).mean().item()
 
@@ -79,7 +79,9 @@ def main() -> None:
 
     checkpoint = load_checkpoint(latest_in_run(args.run))
     model = instantiate(checkpoint).float().eval()
-    encoder = TextEncoder("builtin:shapes-t5", max_length=model.config.max_length).load()
+    # The encoder the checkpoint was trained with (the shipped demo reads builtin:shapes-t5-roles).
+    text_encoder = checkpoint.meta.text_encoder or "builtin:shapes-t5"
+    encoder = TextEncoder(text_encoder, max_length=model.config.max_length).load()
     rng = np.random.default_rng(args.seed)
     scenes = [shapes.sample_scene(rng, num_objects=1) for _ in range(args.scenes)]
     pixels = np.stack([np.asarray(shapes.render(scene, model.config.input_size)) for scene in scenes])
