@@ -848,6 +848,25 @@ def test_shapes_benchmark_scores_a_perfect_generator_as_perfect(tmp_path):
     assert worst.categories["color"].extra["one_object"] == worst.categories["spatial"].extra["both_objects"] == 0.0
 
 
+def test_shapes_benchmark_lays_prompts_out_for_a_wide_canvas(tmp_path):
+    """--width/--height: the prompts' scenes are drawn for the images' aspect, and an 80×48 rendering of each
+    scene scores perfectly."""
+    prompts = heldout_prompts(6, seed=3, aspect=80 / 48)
+    scenes = {p.text: p.scene for p in prompts}
+    assert all(scene.aspect == 80 / 48 for scene in scenes.values())
+
+    def perfect(items, progress):
+        for item in items:
+            yield item, render(scenes[item.prompt], (80, 48))
+
+    report = cb.evaluate_shapes(
+        tmp_path, perfect, generation={"model": "perfect"}, num_prompts=6, images_per_prompt=1, seed=3,
+        aspect=80 / 48,
+    )  # fmt: skip
+    assert {c: r.mean for c, r in report.categories.items()} == {c: 1.0 for c in cb.SHAPES_CATEGORIES}
+    assert json.loads((tmp_path / "compbench_report.json").read_text())["settings"]["aspect"] == 80 / 48
+
+
 def test_cli_eval_compbench_shapes_with_a_tiny_pixart(tmp_path, tiny_t5, tiny_vae):
     from pixart_cli.models import PixArtConfig
     from pixart_cli.tiny import make_tiny_pixart
@@ -860,3 +879,9 @@ def test_cli_eval_compbench_shapes_with_a_tiny_pixart(tmp_path, tiny_t5, tiny_va
     assert "spatial" in result.stderr and "report:" in result.stderr
     assert json.loads((tmp_path / "out" / "compbench_report.json").read_text())["settings"]["generation"]["steps"] == 2
     assert len(list((tmp_path / "out" / "shapes" / "samples").glob("*.png"))) == 2
+    wide = ["--steps", "2", "-o", str(tmp_path / "wide"), "--width", "96", "--height", "64"]
+    result = runner.invoke(app, [*args, *wide])
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "wide" / "compbench_report.json").read_text())["settings"]
+    assert settings["generation"]["width"] == 96 and settings["aspect"] == 1.5
+    assert {Image.open(f).size for f in (tmp_path / "wide" / "shapes" / "samples").glob("*.png")} == {(96, 64)}

@@ -113,7 +113,13 @@ def _maker(model: str | None, settings: dict, device, dtype, batch_size: int, t5
             return Pipeline.from_pretrained(model, t5=t5, vae=vae, device=device, dtype=dtype.torch if dtype else None)
 
     return pipeline_maker(
-        load, sampler=settings["sampler"], steps=settings["steps"], cfg=settings["cfg"], batch_size=batch_size
+        load,
+        sampler=settings["sampler"],
+        steps=settings["steps"],
+        cfg=settings["cfg"],
+        height=settings.get("height"),
+        width=settings.get("width"),
+        batch_size=batch_size,
     )
 
 
@@ -161,6 +167,8 @@ DeviceOpt = Annotated[
 DTypeOpt = Annotated[
     DType | None, typer.Option("--dtype", help="Generation dtype (default: bf16 on CUDA, fp32 on CPU).")
 ]
+HeightOpt = Annotated[int | None, typer.Option("--height", help="Image height in pixels (default: the model's).")]
+WidthOpt = Annotated[int | None, typer.Option("--width", help="Image width in pixels (default: the model's).")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="Quick look: only the first N captions / prompts.")]
 
 
@@ -301,6 +309,8 @@ def eval_compbench(
     steps: StepsOpt = None,
     cfg: CfgOpt = 4.5,
     batch_size: BatchOpt = 8,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
 ) -> None:
@@ -312,13 +322,15 @@ def eval_compbench(
 
     torch_device, shard = _device_and_shard(device)
     generation = _generation(model, t5, vae, sampler, steps, cfg, dtype, batch_size)
+    # Recorded only when given, so that outputs made before these options existed still resume.
+    generation.update({k: v for k, v in (("height", height), ("width", width)) if v is not None})
     maker = _maker(model, generation, torch_device, dtype, batch_size, t5, vae)
     quiet_hub_libraries()
     with library_logging(), _progress(shard.is_main) as progress:
         if bench is Bench.shapes:
             report = cb.evaluate_shapes(
                 output, maker, generation=generation, num_prompts=limit or 100, images_per_prompt=images_per_prompt,
-                seed=seed, shard=shard, progress=progress,
+                seed=seed, aspect=width / height if width and height else 1.0, shard=shard, progress=progress,
             )  # fmt: skip
         else:
             if prompts is None:

@@ -918,10 +918,14 @@ def evaluate_shapes(
     num_prompts: int = 100,
     images_per_prompt: int = 10,
     seed: int = 0,
+    aspect: float = 1.0,
     shard: Shard | None = None,
     progress: Progress = no_progress,
 ) -> BenchReport | None:
     """The ShapesWorld benchmark: held-out prompts, T2I-CompBench's layout (category ``shapes``), exact scoring.
+
+    ``aspect`` (width / height) lays the prompts' scenes out for the images' shape (e.g. 80×48 for a multi-aspect
+    model), so that every prompt's objects fit the canvas it is drawn on.
 
     Reports color, shape, spatial and complex (``shapes_detect``'s checks; spatial and complex over the prompts
     they apply to) plus the other checks (presence, count, binding, size) as extras of ``complex``, and the
@@ -935,7 +939,7 @@ def evaluate_shapes(
     shard = shard or Shard()
     if num_prompts <= 0:
         raise PixartError(f"--limit must be positive, got {num_prompts}")
-    prompts = heldout_prompts(num_prompts, seed)
+    prompts = heldout_prompts(num_prompts, seed, aspect=aspect)
     out = Path(output_dir)
     items = layout("shapes", [p.text for p in prompts], images_per_prompt, seed)
     generate_images(items, out, make_images, settings=generation, shard=shard, progress=progress)
@@ -975,7 +979,8 @@ def evaluate_shapes(
         "num_prompts": num_prompts,
         "images_per_prompt": images_per_prompt,
         "seed": seed,
-        "prompts": "pixart_cli.data.shapes.heldout_prompts(num_prompts, seed)",
+        "prompts": "pixart_cli.data.shapes.heldout_prompts(num_prompts, seed, aspect=aspect)",
+        "aspect": aspect,
         "scorer": "pixart_cli.data.shapes_detect.score_images",
         "generation": generation,
         "processes": shard.count,
