@@ -885,3 +885,6 @@ def test_cli_eval_compbench_shapes_with_a_tiny_pixart(tmp_path, tiny_t5, tiny_va
     settings = json.loads((tmp_path / "wide" / "compbench_report.json").read_text())["settings"]
     assert settings["generation"]["width"] == 96 and settings["aspect"] == 1.5
     assert {Image.open(f).size for f in (tmp_path / "wide" / "shapes" / "samples").glob("*.png")} == {(96, 64)}
+    result = runner.invoke(app, [*args, "--steps", "2", "-o", str(tmp_path / "half"), "--width", "96"])
+    assert result.exit_code == 2 and "give both --width and --height" in result.stderr
+    assert not (tmp_path / "half").exists()

@@ -321,6 +321,8 @@ def eval_compbench(
     from pixart_cli.evaluation import compbench as cb
 
     torch_device, shard = _device_and_shard(device)
+    if (height is None) != (width is None):
+        raise PixartError("give both --width and --height, or neither (the model's own size)")
     generation = _generation(model, t5, vae, sampler, steps, cfg, dtype, batch_size)
     # Recorded only when given, so that outputs made before these options existed still resume.
     generation.update({k: v for k, v in (("height", height), ("width", width)) if v is not None})
