@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from pixart_cli.data import shapes
 from pixart_cli.data.shapes_detect import compare_with_scene, detect
+from pixart_cli.data.transforms import to_tensor
+from pixart_cli.sampling import to_pil
 
 EVAL_SEED = 1_000_003  # scenes for evaluation: a seed stream no training scene uses
 
@@ -39,8 +41,7 @@ EVAL_SEED = 1_000_003  # scenes for evaluation: a seed stream no training scene 
 def scene_batch(seed: int, start: int, count: int, resolution: int, split: str) -> tuple[list, torch.Tensor]:
     """Scenes ``start … start+count-1`` of stream ``seed`` and their pixels in [-1, 1], (count, 3, H, W)."""
     scenes = [shapes.sample_scene(np.random.default_rng([seed, i]), split=split) for i in range(start, start + count)]
-    pixels = np.stack([np.asarray(shapes.render(s, resolution)) for s in scenes])
-    return scenes, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return scenes, torch.stack([to_tensor(shapes.render(s, resolution)) for s in scenes])
 
 
 def build_autoencoder(levels: int, latent_channels: int, width: int, resolution: int, seed: int):
@@ -60,7 +61,8 @@ def build_autoencoder(levels: int, latent_channels: int, width: int, resolution:
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """(N, 3, H, W) in [-1, 1] → (N, H, W, 3) uint8, rounded as sampled images are."""
+    return np.stack([np.asarray(image) for image in to_pil(pixels)])
 
 
 def detector_scores(scenes: list, images: np.ndarray) -> dict[str, float]:
