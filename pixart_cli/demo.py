@@ -41,12 +41,12 @@ def build_shapes_t5(directory: str | Path, seed: int = 0, pretrain_steps: int = 
 
 @functools.cache
 def vocabulary() -> frozenset[str]:
-    """Every word the world's captions use (both styles, all combinations)."""
+    """Every word the world's captions use (every style, all combinations)."""
     from pixart_cli.data.shapes import caption, sample_scene
 
     words: set[str] = set()
     for i in range(3000):
-        for style in ("dense", "sparse"):
+        for style in ("dense", "sparse", "varied"):
             words.update(_words(caption(sample_scene(i, split="all"), style, seed=i)))
     return frozenset(words)
 

@@ -25,6 +25,7 @@ SHIPPED_LEVEL = {"color": 47 / 48, "shape": 40 / 48, "spatial": 16 / 24, "comple
 def test_the_demo_is_the_default_model_and_warns_outside_its_vocabulary(tmp_path):
     assert demo_model() == SHAPES_DEMO
     assert unknown_words("a red circle to the left of a blue square") == []
+    assert unknown_words("an orange circle above a white cross") == []  # "an": from the varied captions
     assert unknown_words("a corgi astronaut") == ["corgi", "astronaut"]
     result = runner.invoke(app, ["sample", "a corgi astronaut", "-n", "2", "--steps", "4", "-o", str(tmp_path)])
     assert result.exit_code == 0, result.output

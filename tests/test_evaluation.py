@@ -867,6 +867,25 @@ def test_shapes_benchmark_lays_prompts_out_for_a_wide_canvas(tmp_path):
     assert json.loads((tmp_path / "compbench_report.json").read_text())["settings"]["aspect"] == 80 / 48
 
 
+def test_shapes_benchmark_with_short_prompts_scores_no_size(tmp_path):
+    """--prompt-style short: the same scenes worded without sizes or background; any size passes, so the size
+    check drops out of the report and a perfect rendering still scores 1 everywhere."""
+    prompts = heldout_prompts(6, seed=3, style="short")
+    scenes = {p.text: p.scene for p in prompts}
+
+    def perfect(items, progress):
+        for item in items:
+            yield item, render(scenes[item.prompt], 64)
+
+    report = cb.evaluate_shapes(
+        tmp_path, perfect, generation={"model": "perfect"}, num_prompts=6, images_per_prompt=1, seed=3,
+        prompt_style="short",
+    )  # fmt: skip
+    assert {c: r.mean for c, r in report.categories.items()} == {c: 1.0 for c in cb.SHAPES_CATEGORIES}
+    assert "size" not in report.categories["complex"].extra and report.categories["complex"].extra["count"] == 1.0
+    assert json.loads((tmp_path / "compbench_report.json").read_text())["settings"]["prompt_style"] == "short"
+
+
 def test_cli_eval_compbench_shapes_with_a_tiny_pixart(tmp_path, tiny_t5, tiny_vae):
     from pixart_cli.models import PixArtConfig
     from pixart_cli.tiny import make_tiny_pixart
@@ -888,3 +907,9 @@ def test_cli_eval_compbench_shapes_with_a_tiny_pixart(tmp_path, tiny_t5, tiny_va
     result = runner.invoke(app, [*args, "--steps", "2", "-o", str(tmp_path / "half"), "--width", "96"])
     assert result.exit_code == 2 and "give both --width and --height" in result.stderr
     assert not (tmp_path / "half").exists()
+    short = ["--steps", "2", "-o", str(tmp_path / "short"), "--prompt-style", "short"]
+    result = runner.invoke(app, [*args, *short])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "short" / "compbench_report.json").read_text())["settings"]["prompt_style"] == "short"
+    result = runner.invoke(app, ["eval-compbench", "--prompt-style", "short", "-o", str(tmp_path / "t2i")])
+    assert result.exit_code == 2 and "--prompt-style is for --bench shapes" in result.stderr

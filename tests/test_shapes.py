@@ -157,6 +157,32 @@ def test_sparse_captions_are_short_and_true():
         caption(sample_scene(0), "long")  # type: ignore[arg-type]
 
 
+def test_varied_captions_leave_out_sizes_or_background_but_name_every_object_and_relation():
+    kinds = set()
+    for seed in range(400):
+        scene = sample_scene(seed)
+        text = caption(scene, "varied", seed)
+        assert caption(scene, "varied", seed) == text
+        names_sizes = any(w in text.split() for w in ("small", "little", "large", "big"))
+        names_background = any(w in text.split() for w in ("grey", "gray", "black", "background"))
+        kinds.add((names_sizes, names_background))
+        for obj in scene.objects:
+            assert f"{obj.colour} {obj.shape}" in text, text
+        if len(scene.objects) > 1:
+            assert re.search(r"left|right|above|below|over|under|beneath", text), text
+        if names_sizes:  # then every object's, and truly
+            for obj in scene.objects:
+                size_words = {"small": ("small", "little"), "large": ("large", "big")}[obj.size]
+                assert any(f"{w} {obj.colour} {obj.shape}" in text for w in size_words), text
+        if names_background:
+            assert {"grey": "gr", "black": "black"}[scene.background] in text
+    assert kinds == {(True, True), (True, False), (False, True), (False, False)}
+    # Prompts worded like the README's ("a red circle to the left of a blue square") are among them.
+    relation = r"(?:to the |on the )?(?:left of|right of|above|over|below|under|beneath)"
+    readme_like = re.compile(rf"an? [a-z]+ [a-z]+ {relation} an? [a-z]+ [a-z]+")
+    assert any(readme_like.fullmatch(caption(sample_scene(s), "varied", s)) for s in range(400))
+
+
 def test_class_labels():
     assert len(CLASS_NAMES) == len(set(CLASS_NAMES)) == 48
     for label, name in enumerate(CLASS_NAMES):
@@ -201,6 +227,17 @@ def test_heldout_combinations_never_appear_in_training_scenes():
     assert {(b, rel, a) for a, rel, b in HELDOUT_ARRANGEMENTS} <= seen_arrangements
     # The check is not vacuous: without the split the held-out combinations do occur.
     assert any(uses_heldout(sample_scene(seed, split="all")) for seed in range(100))
+
+
+def test_short_heldout_prompts_word_the_same_scenes_without_sizes_or_background():
+    dense, short = heldout_prompts(24, seed=2), heldout_prompts(24, seed=2, style="short")
+    for d, s in zip(dense, short, strict=True):
+        assert s.scene == d.scene and s.spec.relation == d.spec.relation
+        assert all(o.size is None for o in s.spec.objects) and all(o.size for o in d.spec.objects)
+        assert not {"small", "little", "large", "big", "grey", "gray", "black", "background"} & set(s.text.split())
+        assert all(f"{o.colour} {o.shape}" in s.text for o in s.spec.objects), s.text
+    with pytest.raises(ValueError, match="prompt style"):
+        heldout_prompts(2, style="long")  # type: ignore[arg-type]
 
 
 def test_heldout_prompts_use_exactly_the_heldout_combinations():

@@ -271,6 +271,11 @@ class Scorer(str, enum.Enum):
     vqascore = "vqascore"
 
 
+class PromptStyle(str, enum.Enum):
+    dense = "dense"
+    short = "short"
+
+
 @app.command("eval-compbench")
 @fails_cleanly
 def eval_compbench(
@@ -280,6 +285,10 @@ def eval_compbench(
     bench: Annotated[Bench, typer.Option("--bench", help="t2i-compbench, or shapes (ShapesWorld held-out).")] = (
         Bench.t2i_compbench
     ),
+    prompt_style: Annotated[
+        PromptStyle,
+        typer.Option("--prompt-style", help="shapes: dense (sizes and background named, as trained) or short."),
+    ] = PromptStyle.dense,
     categories: Annotated[
         str, typer.Option("--categories", help="Comma-separated T2I-CompBench categories.")
     ] = "color,shape,texture,spatial,non_spatial,complex",
@@ -323,6 +332,8 @@ def eval_compbench(
     torch_device, shard = _device_and_shard(device)
     if (height is None) != (width is None):
         raise PixartError("give both --width and --height, or neither (the model's own size)")
+    if prompt_style is not PromptStyle.dense and bench is not Bench.shapes:
+        raise PixartError("--prompt-style is for --bench shapes (T2I-CompBench's prompts are fixed)")
     generation = _generation(model, t5, vae, sampler, steps, cfg, dtype, batch_size)
     # Recorded only when given, so that outputs made before these options existed still resume.
     generation.update({k: v for k, v in (("height", height), ("width", width)) if v is not None})
@@ -332,7 +343,8 @@ def eval_compbench(
         if bench is Bench.shapes:
             report = cb.evaluate_shapes(
                 output, maker, generation=generation, num_prompts=limit or 100, images_per_prompt=images_per_prompt,
-                seed=seed, aspect=width / height if width and height else 1.0, shard=shard, progress=progress,
+                seed=seed, aspect=width / height if width and height else 1.0, prompt_style=prompt_style.value,
+                shard=shard, progress=progress,
             )  # fmt: skip
         else:
             if prompts is None:

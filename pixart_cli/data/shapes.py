@@ -89,8 +89,11 @@ RELATION_MARGIN = 0.10
 MAX_OBJECTS = 3
 
 Split = Literal["train", "all"]
-CaptionStyle = Literal["dense", "sparse", "mixed"]
+CaptionStyle = Literal["dense", "sparse", "mixed", "varied"]
+CAPTION_STYLES: tuple[str, ...] = ("dense", "sparse", "mixed", "varied")
 DatasetFormat = Literal["folder", "jsonl", "imagefolder"]
+PromptStyle = Literal["dense", "short"]
+PROMPT_STYLES: tuple[str, ...] = ("dense", "short")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scenes
@@ -450,61 +453,81 @@ def _a(phrase: str) -> str:
 def caption(scene: Scene, style: CaptionStyle = "dense", seed: int | np.random.Generator = 0) -> str:
     """A caption for ``scene``: ``"dense"`` describes everything, ``"sparse"`` is a few alt-text-like words.
 
-    ``"mixed"`` picks one of the two at random. The template and synonyms come from ``seed``.
+    ``"varied"`` is a dense caption that leaves out the sizes (probability ½) and, independently, the background
+    (½), the way people write prompts ("a red circle to the left of a blue square"); objects and relations are
+    always named. ``"mixed"`` picks dense or sparse at random. The template and synonyms come from ``seed``.
     """
     rng = _as_rng(seed)
     if style == "mixed":
         style = "dense" if rng.random() < 0.5 else "sparse"
+    if style == "varied":
+        sizes, background = bool(rng.random() >= 0.5), bool(rng.random() >= 0.5)
+        return _dense_caption(scene, rng, sizes=sizes, background=background)
     if style == "dense":
         return _dense_caption(scene, rng)
     if style == "sparse":
         return _sparse_caption(scene, rng)
-    raise ValueError(f"caption style must be 'dense', 'sparse' or 'mixed', got {style!r}")
+    raise ValueError(f"caption style must be one of {CAPTION_STYLES}, got {style!r}")
 
 
-def _dense_caption(scene: Scene, rng: np.random.Generator) -> str:
+def _dense_caption(scene: Scene, rng: np.random.Generator, *, sizes: bool = True, background: bool = True) -> str:
+    """Every object and relation; the sizes and the background too unless switched off. The random draws are the
+    same either way, so switching them off words the same template without those words."""
     objs = scene.objects
     bg = _pick(rng, _BACKGROUND_WORDS[scene.background])
-    bare = [f"{_pick(rng, _SIZE_WORDS[o.size])} {o.colour} {o.shape}" for o in objs]  # "big red circle"
-    full = [_a(phrase) for phrase in bare]
+    size_words = [_pick(rng, _SIZE_WORDS[o.size]) for o in objs]
     short = [f"{o.colour} {o.shape}" for o in objs]  # unique within a scene: (shape, colour) pairs are distinct
+    bare = [f"{w} {s}" for w, s in zip(size_words, short, strict=True)] if sizes else short  # "big red circle"
+    full = [_a(phrase) for phrase in bare]  # "a big red circle"
 
     if len(objs) == 1:
         (x, y), obj = objs[0].centre, full[0]
         where = _WHERE[min(int(y * 3), 2)][min(int(x * 3), 2)]
-        templates = (
-            f"{obj} on a {bg} background",
-            f"a {bg} background with {obj} {where}",
-            f"there is {obj} {where} on a plain {bg} background",
-            f"{obj} {where}, {bg} background",
-            f"a single {bare[0]} on {bg}",
-        )
+        if background:
+            templates = (
+                f"{obj} on a {bg} background",
+                f"a {bg} background with {obj} {where}",
+                f"there is {obj} {where} on a plain {bg} background",
+                f"{obj} {where}, {bg} background",
+                f"a single {bare[0]} on {bg}",
+            )
+        else:
+            templates = (obj, f"{obj} {where}", f"there is {obj} {where}", f"{obj}, {where}", f"a single {bare[0]}")
         return _pick(rng, templates)
 
     if len(objs) == 2:
         a, b = (0, 1) if rng.random() < 0.5 else (1, 0)
         rel = scene.relation(a, b)
         words, inverse = _pick(rng, _RELATION_WORDS[rel]), _pick(rng, _RELATION_WORDS[INVERSE_RELATION[rel]])
-        templates = (
-            f"{full[a]} {words} {full[b]} on a {bg} background",
-            f"there is {full[b]} on a {bg} background; {_RELATION_ITS[rel]} is {full[a]}",
-            f"on a {bg} background, {full[a]} is {words} {full[b]}",
-            f"a {bg} background with {full[a]} and {full[b]}: the {short[a]} is {words} the {short[b]}",
-            f"{full[b]} {inverse} {full[a]}, on a plain {bg} background",
-        )
+        if background:
+            templates = (
+                f"{full[a]} {words} {full[b]} on a {bg} background",
+                f"there is {full[b]} on a {bg} background; {_RELATION_ITS[rel]} is {full[a]}",
+                f"on a {bg} background, {full[a]} is {words} {full[b]}",
+                f"a {bg} background with {full[a]} and {full[b]}: the {short[a]} is {words} the {short[b]}",
+                f"{full[b]} {inverse} {full[a]}, on a plain {bg} background",
+            )
+        else:
+            templates = (
+                f"{full[a]} {words} {full[b]}",
+                f"there is {full[b]}; {_RELATION_ITS[rel]} is {full[a]}",
+                f"{full[a]} is {words} {full[b]}",
+                f"{full[a]} and {full[b]}: the {short[a]} is {words} the {short[b]}",
+                f"{full[b]} {inverse} {full[a]}",
+            )
         return _pick(rng, templates)
 
     a, b, c = (int(k) for k in rng.permutation(3))
     rab, rcb = scene.relation(a, b), scene.relation(c, b)
     wab, wcb = _pick(rng, _RELATION_WORDS[rab]), _pick(rng, _RELATION_WORDS[rcb])
+    on_bg = f" on a {bg} background" if background else ""
+    where_ab, where_cb = _RELATION_ITS[rab], _RELATION_ITS[rcb]
     templates = (
-        f"{full[a]}, {full[b]} and {full[c]} on a {bg} background; "
+        f"{full[a]}, {full[b]} and {full[c]}{on_bg}; "
         f"the {short[a]} is {wab} the {short[b]} and the {short[c]} is {wcb} the {short[b]}",
-        f"{full[a]} {wab} {full[b]}, and {full[c]} {wcb} the {short[b]}, on a {bg} background",
-        f"three shapes on a {bg} background: {full[b]}, with {full[a]} {_RELATION_ITS[rab]} "
-        f"and {full[c]} {_RELATION_ITS[rcb]}",
-        f"there is {full[b]} on a {bg} background. {_RELATION_ITS[rab]} is {full[a]}, "
-        f"and {_RELATION_ITS[rcb]} is {full[c]}",
+        f"{full[a]} {wab} {full[b]}, and {full[c]} {wcb} the {short[b]}" + (f",{on_bg}" if background else ""),
+        f"three shapes{on_bg}: {full[b]}, with {full[a]} {where_ab} and {full[c]} {where_cb}",
+        f"there is {full[b]}{on_bg}. {where_ab} is {full[a]}, and {where_cb} is {full[c]}",
     )
     return _pick(rng, templates)
 
@@ -569,21 +592,30 @@ class EvalPrompt:
     scene: Scene
 
 
-def spec_of(scene: Scene) -> PromptSpec:
-    """The spec a scene satisfies: its objects with sizes and, for two objects, their relation."""
+def spec_of(scene: Scene, *, sizes: bool = True) -> PromptSpec:
+    """The spec a scene satisfies: its objects (with their sizes unless ``sizes`` is False: any size will do) and,
+    for two objects, their relation."""
     relation = scene.relation(0, 1) if len(scene.objects) == 2 else None
-    return PromptSpec(tuple(ObjectSpec(o.shape, o.colour, o.size) for o in scene.objects), relation)
+    objects = tuple(ObjectSpec(o.shape, o.colour, o.size if sizes else None) for o in scene.objects)
+    return PromptSpec(objects, relation)
 
 
-def heldout_prompts(n: int, seed: int = 0, *, aspect: float = 1.0) -> list[EvalPrompt]:
-    """``n`` dense prompts that use exactly the held-out combinations, alternating two kinds.
+def heldout_prompts(n: int, seed: int = 0, *, aspect: float = 1.0, style: PromptStyle = "dense") -> list[EvalPrompt]:
+    """``n`` prompts that use exactly the held-out combinations, alternating two kinds.
 
     Even indices: one object of a held-out (shape, colour) pair, cycling through the pairs. Odd indices: two
     objects whose colours stand in a held-out arrangement (cycling through them), with shapes drawn from the
     pairs seen in training. Sizes, backgrounds, positions and wording are random from ``seed``.
+
+    ``style="dense"`` words them like the dense training captions (sizes and background named); ``"short"`` words
+    the same scenes, template for template, without sizes and background ("a red circle to the left of a blue
+    square"), the way a newcomer writes a prompt, and then any size will do.
     """
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+    dense = style == "dense"
     rng = np.random.default_rng(seed)
     pairs = sorted(HELDOUT_SHAPE_COLOURS, key=lambda p: class_label(*p))
     arrangements = sorted(HELDOUT_ARRANGEMENTS)
@@ -600,7 +632,8 @@ def heldout_prompts(n: int, seed: int = 0, *, aspect: float = 1.0) -> list[EvalP
                 shape_a, shape_b = _seen_shape(rng, colour_a), _seen_shape(rng, colour_b)
                 kinds = [(shape_a, colour_a, _pick(rng, SIZES)), (shape_b, colour_b, _pick(rng, SIZES))]
                 scene = _scene_for(rng, kinds, background, aspect, lambda s, r=relation: s.relation(0, 1) == r)
-        prompts.append(EvalPrompt(_dense_caption(scene, rng), spec_of(scene), scene))
+        text = _dense_caption(scene, rng, sizes=dense, background=dense)
+        prompts.append(EvalPrompt(text, spec_of(scene, sizes=dense), scene))
     return prompts
 
 
@@ -658,8 +691,8 @@ def check_dataset_args(
         raise ValueError(f"objects must be between 1 and {MAX_OBJECTS} (or null for a mix), got {objects!r}")
     if fmt not in ("folder", "jsonl", "imagefolder"):
         raise ValueError(f"fmt must be 'folder', 'jsonl' or 'imagefolder', got {fmt!r}")
-    if caption_style not in ("dense", "sparse", "mixed"):
-        raise ValueError(f"caption_style must be 'dense', 'sparse' or 'mixed', got {caption_style!r}")
+    if caption_style not in CAPTION_STYLES:
+        raise ValueError(f"caption_style must be one of {CAPTION_STYLES}, got {caption_style!r}")
     return _sizes(resolution)
 
 

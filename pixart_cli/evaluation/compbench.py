@@ -919,13 +919,15 @@ def evaluate_shapes(
     images_per_prompt: int = 10,
     seed: int = 0,
     aspect: float = 1.0,
+    prompt_style: str = "dense",
     shard: Shard | None = None,
     progress: Progress = no_progress,
 ) -> BenchReport | None:
     """The ShapesWorld benchmark: held-out prompts, T2I-CompBench's layout (category ``shapes``), exact scoring.
 
     ``aspect`` (width / height) lays the prompts' scenes out for the images' shape (e.g. 80×48 for a multi-aspect
-    model), so that every prompt's objects fit the canvas it is drawn on.
+    model), so that every prompt's objects fit the canvas it is drawn on. ``prompt_style`` ``"short"`` words the
+    same scenes without sizes and background, as a newcomer would (``heldout_prompts``); size is then not scored.
 
     Reports color, shape, spatial and complex (``shapes_detect``'s checks; spatial and complex over the prompts
     they apply to) plus the other checks (presence, count, binding, size) as extras of ``complex``, and the
@@ -939,7 +941,7 @@ def evaluate_shapes(
     shard = shard or Shard()
     if num_prompts <= 0:
         raise PixartError(f"--limit must be positive, got {num_prompts}")
-    prompts = heldout_prompts(num_prompts, seed, aspect=aspect)
+    prompts = heldout_prompts(num_prompts, seed, aspect=aspect, style=prompt_style)
     out = Path(output_dir)
     items = layout("shapes", [p.text for p in prompts], images_per_prompt, seed)
     generate_images(items, out, make_images, settings=generation, shard=shard, progress=progress)
@@ -963,7 +965,9 @@ def evaluate_shapes(
             len(applies),
             len({items[k].prompt for k in applies}),
         )
-    results["complex"].extra = {c: report.categories[c] for c in CHECKS if c not in SHAPES_CATEGORIES}
+    # Checks that apply to no prompt (size, for short prompts) are left out.
+    extras = (c for c in CHECKS if c not in SHAPES_CATEGORIES and c in report.categories)
+    results["complex"].extra = {c: report.categories[c] for c in extras}
     # The acceptance view (docs/shapes.md): attributes on one-object prompts, both objects on two-object ones.
     counts = [len(spec.objects) for spec in specs]
     for category, check, n, name in (
@@ -979,8 +983,9 @@ def evaluate_shapes(
         "num_prompts": num_prompts,
         "images_per_prompt": images_per_prompt,
         "seed": seed,
-        "prompts": "pixart_cli.data.shapes.heldout_prompts(num_prompts, seed, aspect=aspect)",
+        "prompts": "pixart_cli.data.shapes.heldout_prompts(num_prompts, seed, aspect=aspect, style=prompt_style)",
         "aspect": aspect,
+        "prompt_style": prompt_style,
         "scorer": "pixart_cli.data.shapes_detect.score_images",
         "generation": generation,
         "processes": shard.count,
