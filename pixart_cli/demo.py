@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
-from pixart_cli.components import ASSETS
+from pixart_cli.components import ASSETS, resolve_builtin
 
 SHAPES_T5 = "builtin:shapes-t5"
 SHAPES_T5_ROLES = "builtin:shapes-t5-roles"
@@ -59,6 +61,15 @@ def unknown_words(prompt: str) -> list[str]:
 
 def _words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
+
+
+def prompt_completion(text_encoder: str) -> Callable[[str, int], str] | None:
+    """How to word prompts for a model that reads ``text_encoder``: ``complete_prompt`` for the ShapesWorld T5s
+    (their models were trained on captions that always name sizes and background), None for any other."""
+    from pixart_cli.data.shapes import complete_prompt
+
+    shapes_t5s = {os.path.realpath(resolve_builtin(name)) for name in (SHAPES_T5, SHAPES_T5_ROLES)}
+    return complete_prompt if os.path.realpath(resolve_builtin(text_encoder)) in shapes_t5s else None
 
 
 def demo_model() -> str | None:

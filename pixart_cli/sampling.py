@@ -49,6 +49,7 @@ NullCaption = Literal["embedding", "t5-empty"]
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output (ε or v[, variance])
 # What a model is conditioned on, batched along dim 0: caption features, or a tensor (class labels).
 Conditioning = TypeVar("Conditioning", Captions, torch.Tensor)
+PromptCompletion = Callable[[str, int], str]  # (prompt, seed) -> the caption to encode
 
 DEFAULT_CFG = 4.5
 
@@ -440,6 +441,8 @@ class Pipeline:
             and as captions are dropped in training); "t5-empty" encodes "" (diffusers-origin weights).
         offload: keep GPU memory to one component at a time: the text encoder encodes every prompt once and is
             freed before the transformer runs; transformer and autoencoder stay on the CPU between runs.
+        prompt_completion: ``(prompt, seed) -> caption``, rewrites each image's prompt into the form the model's
+            training captions took before it is encoded (``Pipeline.caption``); None feeds prompts as given.
     """
 
     def __init__(
@@ -452,6 +455,7 @@ class Pipeline:
         device: torch.device | str = "cpu",
         offload: bool = False,
         name: str = "model",
+        prompt_completion: PromptCompletion | None = None,
     ) -> None:
         _check_channels(model.config, autoencoder, name)
         if null_caption not in ("embedding", "t5-empty"):
@@ -463,6 +467,7 @@ class Pipeline:
         self.device = torch.device(device)
         self.offload = offload
         self.name = name
+        self.prompt_completion = prompt_completion
         self._rest_device = torch.device("cpu") if offload else self.device
         self.model.to(self._rest_device)
         self.autoencoder.to(self._rest_device)
@@ -483,15 +488,19 @@ class Pipeline:
         offload: bool = False,
         ema: bool | None = None,
         clean_captions: bool = True,
+        complete_prompts: bool | None = None,
     ) -> Pipeline:
         """Load from our checkpoint directory, a diffusers pipeline directory (or hub id), or an official ``.pth``.
 
         ``t5`` and ``vae`` override the checkpoint's own references (needed for an official ``.pth`` and a bare
         diffusers transformer); ``vae="none"`` is pixel space. Defaults: CUDA when available; bf16 on CUDA and
-        fp32 on CPU; EMA weights when present.
+        fp32 on CPU; EMA weights when present. ``complete_prompts``: word prompts as the training captions were
+        (``pixart_cli.demo.prompt_completion``); None (default) does so where the text encoder tells how, i.e. for
+        ShapesWorld models; True where it cannot tell is an error.
         """
         from pixart_cli.checkpoint import instantiate
         from pixart_cli.convert import read_any
+        from pixart_cli.demo import prompt_completion
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
@@ -507,6 +516,9 @@ class Pipeline:
                 "or 'none' for a pixel-space model)"
             )
         null_caption = checkpoint.meta.null_caption
+        completion = prompt_completion(t5) if complete_prompts is not False else None
+        if complete_prompts and completion is None:
+            raise PixartError(f"{model}: prompt completion knows only the ShapesWorld captions; this model reads {t5}")
         rest = torch.device("cpu") if offload else device
         autoencoder = load_autoencoder(vae, dtype=dtype, device=rest)
         _check_channels(checkpoint.config, autoencoder, str(model))
@@ -528,11 +540,18 @@ class Pipeline:
             device=device,
             offload=offload,
             name=str(model),
+            prompt_completion=completion,
         )
 
     # -- pieces -----------------------------------------------------------------------------------------------
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         return resolve_size(self.config, self.autoencoder.downsample, height, width)
+
+    def caption(self, job: Job) -> str:
+        """The text encoded for ``job``: its prompt, completed with the job's seed when the pipeline completes."""
+        if self.prompt_completion is None:
+            return job.prompt
+        return self.prompt_completion(job.prompt, job.seed % 2**64)  # seeds may be negative; numpy's may not
 
     def encode(self, prompts: Sequence[str]) -> dict[str, Captions]:
         """Each distinct prompt encoded once (kept on the CPU, one row each)."""
@@ -602,7 +621,8 @@ class Pipeline:
         h, w = self.image_size(height, width)
         if not jobs:
             return
-        captions = self.encode([j.prompt for j in jobs])
+        texts = {j: self.caption(j) for j in jobs}
+        captions = self.encode(list(texts.values()))
         negative = None
         if cfg != 1.0 and (negative_prompt or self.null_caption == "t5-empty"):
             negative = self.text_encoder.encode([negative_prompt or ""]).to("cpu")
@@ -613,7 +633,7 @@ class Pipeline:
         with self._on_device():
             for start in range(0, len(jobs), batch_size):
                 batch = jobs[start : start + batch_size]
-                cond = Captions.cat([captions[j.prompt] for j in batch]).to(self.device)
+                cond = Captions.cat([captions[texts[j]] for j in batch]).to(self.device)
                 uncond = self.unconditional(cond, negative.to(self.device) if negative is not None else None)
                 noise, generators = seeded_noise([j.seed for j in batch], shape)
                 step_progress = None
@@ -802,6 +822,9 @@ def write_samples(
         j: {"file": image_name(j), "prompt_index": j.prompt_index, "prompt": j.prompt, "seed": j.seed, **settings}
         for j in jobs
     }
+    for job, record in records.items():  # what the model read, where prompt completion changed it
+        if (text := pipeline.caption(job)) != job.prompt:
+            record["caption"] = text
     todo, skipped = [], []
     for job in jobs:
         path = out / image_name(job)

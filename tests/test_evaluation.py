@@ -913,3 +913,7 @@ def test_cli_eval_compbench_shapes_with_a_tiny_pixart(tmp_path, tiny_t5, tiny_va
     assert json.loads((tmp_path / "short" / "compbench_report.json").read_text())["settings"]["prompt_style"] == "short"
     result = runner.invoke(app, ["eval-compbench", "--prompt-style", "short", "-o", str(tmp_path / "t2i")])
     assert result.exit_code == 2 and "--prompt-style is for --bench shapes" in result.stderr
+    result = runner.invoke(app, ["eval-compbench", "--complete-prompts", "-o", str(tmp_path / "t2i")])
+    assert result.exit_code == 2 and "--complete-prompts is for --bench shapes" in result.stderr
+    result = runner.invoke(app, [*args, "--steps", "2", "-o", str(tmp_path / "completed"), "--complete-prompts"])
+    assert result.exit_code == 2 and "prompt completion knows only the ShapesWorld captions" in result.stderr

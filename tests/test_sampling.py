@@ -395,6 +395,25 @@ def test_offload_frees_the_text_encoder_and_changes_nothing(models):
     assert np.array_equal(b, _array(offloaded(PROMPTS, steps=5, seed=1)))  # reloads when needed again
 
 
+def test_prompt_completion_feeds_the_completed_caption_per_image(models, tmp_path):
+    """A completing pipeline makes exactly the image of its completed caption, seeded per image, and records it."""
+    from pixart_cli.sampling import write_samples
+
+    assert Pipeline.from_pretrained(models["embedding"], device="cpu").prompt_completion is None  # not a shapes T5
+    with pytest.raises(PixartError, match="prompt completion knows only the ShapesWorld"):
+        Pipeline.from_pretrained(models["embedding"], device="cpu", complete_prompts=True)
+    plain = Pipeline.from_pretrained(models["embedding"], device="cpu")
+    completing = Pipeline.from_pretrained(models["embedding"], device="cpu")
+    completing.prompt_completion = lambda prompt, seed: f"{prompt} number {seed}"
+    got = _array(completing(PROMPTS, num_images_per_prompt=2, steps=4, seed=7))
+    expected = [plain(f"{p} number {seed}", steps=4, seed=seed)[0] for p in PROMPTS for seed in (7, 8)]
+    assert np.abs(got - _array(expected)).max() <= 1  # batches differ: rounding, as in the per-image seed test
+    assert np.abs(got - _array(plain(PROMPTS, num_images_per_prompt=2, steps=4, seed=7))).max() > 10
+    write_samples(completing, PROMPTS[:1], tmp_path, num_images_per_prompt=2, seed=7, steps=2)
+    records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["caption"]) for r in records] == [(PROMPTS[0], f"{PROMPTS[0]} number {s}") for s in (7, 8)]
+
+
 def test_pixel_space_model(tmp_path, tiny_t5):
     config = dataclasses.replace(TINY, in_channels=3, input_size=16)
     make_tiny_pixart(tmp_path / "px", config, text_encoder=str(tiny_t5), vae="none")

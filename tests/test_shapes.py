@@ -33,6 +33,7 @@ from pixart_cli.data.shapes import (
     caption,
     class_folder,
     class_label,
+    complete_prompt,
     heldout_prompts,
     primary_object,
     render,
@@ -238,6 +239,58 @@ def test_short_heldout_prompts_word_the_same_scenes_without_sizes_or_background(
         assert all(f"{o.colour} {o.shape}" in s.text for o in s.spec.objects), s.text
     with pytest.raises(ValueError, match="prompt style"):
         heldout_prompts(2, style="long")  # type: ignore[arg-type]
+
+
+def test_prompt_completion_leaves_dense_captions_alone():
+    """Every dense caption already names each object's size and the background: nothing to add."""
+    for i in range(300):
+        text = caption(sample_scene(i, split="all"), "dense", seed=i)
+        assert complete_prompt(text, seed=i) == text
+    for text in ("a corgi astronaut", "shapes", "a circle above a square", ""):  # no object of this world named
+        assert complete_prompt(text, seed=3) == text
+
+
+def test_prompt_completion_adds_only_the_missing_sizes_and_background():
+    sizes, backgrounds = {"small", "large"}, {"grey", "black"}
+    seen = set()
+    for prompt in heldout_prompts(24, seed=5, style="short"):
+        for seed in range(8):
+            done = complete_prompt(prompt.text, seed)
+            assert done == complete_prompt(prompt.text, seed)  # a function of (prompt, seed)
+            # Take the additions out again: the prompt's own words are left, in order.
+            kept = done
+            for obj in prompt.spec.objects:
+                size = re.search(rf"\b(small|large) {obj.colour} {obj.shape}\b", done)
+                assert size, (obj, done)  # the first mention of each object is sized
+                seen.add(size[1])
+                kept = kept.replace(f"{size[1]} {obj.colour} {obj.shape}", f"{obj.colour} {obj.shape}", 1)
+            background = re.search(r" on a (grey|black) background", kept)
+            assert background, done
+            seen.add(background[1])
+            # Before the first sentence break, where the captions name it ("there is ... background; to its left").
+            assert background.end() == len(kept) or kept[background.end()] == ";", done
+            kept = kept[: background.start()] + kept[background.end() :]
+            an_to_a = re.compile(r"\ban\b")  # "an orange circle" → "a large orange circle"
+            assert an_to_a.sub("a", kept) == an_to_a.sub("a", prompt.text)
+            assert len(done.split()) == len(prompt.text.split()) + len(prompt.spec.objects) + 4
+    assert seen == sizes | backgrounds  # drawn, not fixed
+
+
+def test_prompt_completion_keeps_what_the_prompt_says():
+    assert re.fullmatch(
+        "A (small|large) orange circle on a (grey|black) background", complete_prompt("An orange circle")
+    )
+    done = complete_prompt("A big Red circle above a blue square.", seed=0)
+    assert re.fullmatch("A big Red circle above a (small|large) blue square on a (grey|black) background", done)
+    # A size given at any mention counts; later mentions ("the blue square") stay as the captions word them.
+    text = "a red circle and a blue square: the red circle is left of the small blue square, on grey"
+    done = complete_prompt(text, seed=1)
+    assert re.fullmatch("a (small|large) " + re.escape(text[2:]), done), done
+    done = complete_prompt("there is a blue square; to its left is a red circle.", seed=2)
+    pattern = (
+        "there is a (small|large) blue square on a (grey|black) background; to its left is a (small|large) red circle"
+    )
+    assert re.fullmatch(pattern, done), done
 
 
 def test_heldout_prompts_use_exactly_the_heldout_combinations():

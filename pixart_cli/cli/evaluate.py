@@ -102,7 +102,10 @@ def _generation(
 
 
 def _maker(model: str | None, settings: dict, device, dtype, batch_size: int, t5, vae):
-    """A lazy PixArt image maker (the model loads only if an image is missing), or None without --model."""
+    """A lazy PixArt image maker (the model loads only if an image is missing), or None without --model.
+
+    Benchmark prompts are fed as written unless ``settings["complete_prompts"]`` asks for prompt completion.
+    """
     if model is None:
         return None
     from pixart_cli.evaluation.generate import pipeline_maker
@@ -110,7 +113,10 @@ def _maker(model: str | None, settings: dict, device, dtype, batch_size: int, t5
 
     def load():
         with console.status(f"loading {model}"):
-            return Pipeline.from_pretrained(model, t5=t5, vae=vae, device=device, dtype=dtype.torch if dtype else None)
+            return Pipeline.from_pretrained(
+                model, t5=t5, vae=vae, device=device, dtype=dtype.torch if dtype else None,
+                complete_prompts=settings.get("complete_prompts", False),
+            )  # fmt: skip
 
     return pipeline_maker(
         load,
@@ -289,6 +295,14 @@ def eval_compbench(
         PromptStyle,
         typer.Option("--prompt-style", help="shapes: dense (sizes and background named, as trained) or short."),
     ] = PromptStyle.dense,
+    complete_prompts: Annotated[
+        bool,
+        typer.Option(
+            "--complete-prompts",
+            help="Generate from the prompts completed as `pixart sample` does for ShapesWorld models (sizes and "
+            "background filled in); scoring still reads the prompts as written.",
+        ),
+    ] = False,
     categories: Annotated[
         str, typer.Option("--categories", help="Comma-separated T2I-CompBench categories.")
     ] = "color,shape,texture,spatial,non_spatial,complex",
@@ -334,9 +348,13 @@ def eval_compbench(
         raise PixartError("give both --width and --height, or neither (the model's own size)")
     if prompt_style is not PromptStyle.dense and bench is not Bench.shapes:
         raise PixartError("--prompt-style is for --bench shapes (T2I-CompBench's prompts are fixed)")
+    if complete_prompts and bench is not Bench.shapes:
+        raise PixartError("--complete-prompts is for --bench shapes (it words prompts as ShapesWorld captions)")
     generation = _generation(model, t5, vae, sampler, steps, cfg, dtype, batch_size)
     # Recorded only when given, so that outputs made before these options existed still resume.
     generation.update({k: v for k, v in (("height", height), ("width", width)) if v is not None})
+    if complete_prompts:
+        generation["complete_prompts"] = True
     maker = _maker(model, generation, torch_device, dtype, batch_size, t5, vae)
     quiet_hub_libraries()
     with library_logging(), _progress(shard.is_main) as progress:

@@ -70,6 +70,25 @@ def _progress_bar() -> Iterator[Callable[[float, int], None]]:
             bar.stop()
 
 
+def _show_completion(pipeline, prompts: list[str], num_images: int, seed: int) -> None:
+    """Say what the model will read where prompt completion rewords a prompt (the first image's wording)."""
+    from pixart_cli.sampling import make_jobs
+
+    changed = [
+        (job.prompt, text) for job in make_jobs(prompts, 1, seed) if (text := pipeline.caption(job)) != job.prompt
+    ]
+    if not changed:
+        return
+    prompt, text = changed[0]
+    each = " (drawn per image)" if num_images > 1 else ""
+    console.print(
+        f"completing prompts as the model's training captions were worded{each}: [italic]{prompt}[/] → "
+        f"[italic]{text}[/]; --no-complete-prompts to read them as given",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
 @app.command()
 @fails_cleanly
 def sample(
@@ -111,6 +130,15 @@ def sample(
     offload: Annotated[
         bool, typer.Option("--offload", help="Free T5 after encoding; one component on the GPU at a time.")
     ] = False,
+    complete_prompts: Annotated[
+        bool | None,
+        typer.Option(
+            "--complete-prompts/--no-complete-prompts",
+            help="Word each prompt as the training captions were (ShapesWorld: add the sizes and background a short "
+            "prompt leaves out, drawn per image). Default: on where the model's text encoder tells how.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Generate images from text prompts: one PNG per image, settings in the PNG and in manifest.jsonl.
 
@@ -144,8 +172,10 @@ def sample(
     with library_logging():
         with console.status(f"loading {model}"):
             pipeline = Pipeline.from_pretrained(
-                model, t5=t5, vae=vae, device=torch_device, dtype=dtype.torch if dtype else None, offload=offload
-            )
+                model, t5=t5, vae=vae, device=torch_device, dtype=dtype.torch if dtype else None, offload=offload,
+                complete_prompts=complete_prompts,
+            )  # fmt: skip
+        _show_completion(pipeline, prompt_list, num_images, seed)
         with _progress_bar() as progress:
             report = write_samples(
                 pipeline,
