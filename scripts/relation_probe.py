@@ -10,6 +10,7 @@ images missing either colour are skipped).
 
     python scripts/relation_probe.py builtin:shapes-demo
     python scripts/relation_probe.py outputs/shapes-stage2 --images 16
+    python scripts/relation_probe.py --complete-prompts      # worded as `pixart sample` words them
 """
 
 from __future__ import annotations
@@ -43,8 +44,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8, help="seeds per prompt")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=4.5)
+    parser.add_argument(
+        "--complete-prompts",
+        action="store_true",
+        help="complete the prompts with sizes and background as `pixart sample` does (default: as written, as the "
+        "documented numbers were measured)",
+    )
     args = parser.parse_args()
-    pipeline = Pipeline.from_pretrained(args.model, device="cpu")
+    pipeline = Pipeline.from_pretrained(args.model, device="cpu", complete_prompts=args.complete_prompts)
     print(f"{'held-out arrangement':<26}{'asked as held out':>20}{'asked mirrored (seen)':>24}")
     totals = {"held out": [0, 0], "mirrored": [0, 0]}
     for a, relation, b in sorted(shapes.HELDOUT_ARRANGEMENTS):
