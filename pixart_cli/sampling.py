@@ -404,6 +404,29 @@ def resolve_model(name: str | os.PathLike) -> Path:
     raise PixartError(f"{name}: no such model file or directory")
 
 
+def _prompt_completion(model: object, t5: str, complete_prompts: bool | None) -> PromptCompletion | None:
+    """``complete_prompts`` None: completion where the text encoder tells how (ShapesWorld); True: that, or an error."""
+    from pixart_cli.demo import prompt_completion
+
+    completion = prompt_completion(t5) if complete_prompts is not False else None
+    if complete_prompts and completion is None:
+        raise PixartError(f"{model}: prompt completion knows only the ShapesWorld captions; this model reads {t5}")
+    return completion
+
+
+def check_prompt_completion(model: str | os.PathLike, t5: str | None = None) -> None:
+    """Raise, before any work, the error ``Pipeline.from_pretrained(model, t5=t5, complete_prompts=True)`` would
+    raise, reading only the checkpoint's config (not its weights)."""
+    from pixart_cli.checkpoint import is_checkpoint_dir, latest_in_run, read_config
+
+    path = latest_in_run(resolve_model(model))
+    if t5 is None and is_checkpoint_dir(path):
+        recorded = read_config(path)[1].text_encoder
+        t5 = recorded and _component_path(recorded, path)
+    # Diffusers pipelines and official files bring (or need) a T5 of their own: never a built-in ShapesWorld one.
+    _prompt_completion(model, t5 or "a text encoder of its own", True)
+
+
 def _component_path(reference: str, model_path: Path) -> str:
     """A checkpoint's recorded text-encoder/VAE path: relative ones may be relative to the checkpoint."""
     if reference.lower() == "none" or Path(reference).is_absolute():
@@ -500,7 +523,6 @@ class Pipeline:
         """
         from pixart_cli.checkpoint import instantiate
         from pixart_cli.convert import read_any
-        from pixart_cli.demo import prompt_completion
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
@@ -516,9 +538,7 @@ class Pipeline:
                 "or 'none' for a pixel-space model)"
             )
         null_caption = checkpoint.meta.null_caption
-        completion = prompt_completion(t5) if complete_prompts is not False else None
-        if complete_prompts and completion is None:
-            raise PixartError(f"{model}: prompt completion knows only the ShapesWorld captions; this model reads {t5}")
+        completion = _prompt_completion(model, t5, complete_prompts)
         rest = torch.device("cpu") if offload else device
         autoencoder = load_autoencoder(vae, dtype=dtype, device=rest)
         _check_channels(checkpoint.config, autoencoder, str(model))
@@ -551,7 +571,7 @@ class Pipeline:
         """The text encoded for ``job``: its prompt, completed with the job's seed when the pipeline completes."""
         if self.prompt_completion is None:
             return job.prompt
-        return self.prompt_completion(job.prompt, job.seed % 2**64)  # seeds may be negative; numpy's may not
+        return self.prompt_completion(job.prompt, job.seed)
 
     def encode(self, prompts: Sequence[str]) -> dict[str, Captions]:
         """Each distinct prompt encoded once (kept on the CPU, one row each)."""

@@ -917,3 +917,4 @@ def test_cli_eval_compbench_shapes_with_a_tiny_pixart(tmp_path, tiny_t5, tiny_va
     assert result.exit_code == 2 and "--complete-prompts is for --bench shapes" in result.stderr
     result = runner.invoke(app, [*args, "--steps", "2", "-o", str(tmp_path / "completed"), "--complete-prompts"])
     assert result.exit_code == 2 and "prompt completion knows only the ShapesWorld captions" in result.stderr
+    assert not (tmp_path / "completed").exists()  # refused before anything is generated or written

@@ -350,6 +350,10 @@ def eval_compbench(
         raise PixartError("--prompt-style is for --bench shapes (T2I-CompBench's prompts are fixed)")
     if complete_prompts and bench is not Bench.shapes:
         raise PixartError("--complete-prompts is for --bench shapes (it words prompts as ShapesWorld captions)")
+    if complete_prompts and model is not None:
+        from pixart_cli.sampling import check_prompt_completion
+
+        check_prompt_completion(model, t5)  # before anything is written
     generation = _generation(model, t5, vae, sampler, steps, cfg, dtype, batch_size)
     # Recorded only when given, so that outputs made before these options existed still resume.
     generation.update({k: v for k, v in (("height", height), ("width", width)) if v is not None})

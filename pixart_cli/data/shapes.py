@@ -670,12 +670,14 @@ def complete_prompt(prompt: str, seed: int | np.random.Generator = 0) -> str:
     phrases = list(_OBJECT_PHRASE.finditer(prompt))
     if not phrases:  # names no object of this world: nothing to complete
         return prompt
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng([seed, zlib.crc32(prompt.encode())])
+    rng = seed
+    if not isinstance(rng, np.random.Generator):  # from (seed, prompt); image seeds may be negative, numpy's may not
+        rng = np.random.default_rng([seed % 2**64, zlib.crc32(prompt.encode())])
     sized = {_object_named(m) for m in phrases if m[2]}
     sizes: dict[tuple[str, str], str] = {}  # the missing sizes, drawn in order of first mention
-    for m in phrases:
-        if _object_named(m) not in sized and _object_named(m) not in sizes:
-            sizes[_object_named(m)] = _pick(rng, SIZES)
+    for key in map(_object_named, phrases):
+        if key not in sized and key not in sizes:
+            sizes[key] = _pick(rng, SIZES)
 
     def fill(m: re.Match) -> str:
         size = sizes.pop(_object_named(m), None)  # popped: only the first mention gets the size
