@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pixart_cli.models.layers import explicit_attention
+from pixart_cli.precision import describe_device
 
 # (batch, heads, query tokens, key tokens, head dim): ShapesWorld's 64 tokens, captions, 16×16 and 32×32 grids.
 SHAPES = [(64, 4, 64, 64, 60), (64, 4, 64, 64, 60), (16, 4, 256, 64, 60), (16, 4, 256, 256, 60), (2, 6, 1024, 1024, 64)]
@@ -44,7 +45,7 @@ def sdpa_with(backend):
 
 
 def main() -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward + backward, median ms")
+    print(f"{describe_device()}; forward + backward, median ms")
     header = f"{'shape (B, H, N, M, D)':<26} {'dtype':<9} {'flash':>7} {'math':>7} {'explicit':>9} {'ratio':>6}"
     print(header + "  max |err| flash/math/explicit")
     for i, (b, h, n, m, d) in enumerate(SHAPES):

@@ -30,6 +30,7 @@ from torch import nn
 
 from pixart_cli.data.shapes import render, sample_scene
 from pixart_cli.evaluation.fid import FeatureExtractor, crop_transform, image_features, load_inception
+from pixart_cli.precision import describe_device
 
 
 class RandomConvFeatures(nn.Module):
@@ -87,7 +88,7 @@ def main() -> None:
     transform = crop_transform(args.size)
     cpu = torch.device("cpu")
     print(f"{args.images} images 640×480 JPEG, size {args.size}, batch {args.batch_size}, network: {extractor.name}")
-    print(f"torch threads {torch.get_num_threads()}, CPUs {os.cpu_count()}")
+    print(f"{describe_device()}, CPUs {os.cpu_count()}")
 
     with tempfile.TemporaryDirectory() as tmp:
         files = write_images(Path(tmp), args.images)

@@ -21,6 +21,7 @@ import torch
 
 from pixart_cli.convert import read_any, write_diffusers
 from pixart_cli.models import PixArtConfig
+from pixart_cli.precision import describe_device
 from pixart_cli.recipe import load_recipe
 from pixart_cli.sampling import Pipeline, make_scheduler, seeded_noise
 from pixart_cli.tiny import make_tiny_pixart, make_tiny_t5, make_tiny_vae
@@ -91,9 +92,7 @@ def main() -> None:
                 run()
                 times[name].append(time.perf_counter() - start)
     images = len(PROMPTS) * args.images
-    print(
-        f"{args.preset}: {side} px, {images} images, DPM-Solver++ 20 steps, CFG 4.5, {torch.get_num_threads()} threads"
-    )
+    print(f"{args.preset}: {side} px, {images} images, DPM-Solver++ 20 steps, CFG 4.5; {describe_device()}")
     base = statistics.median(times["diffusers"]) if "diffusers" in times else None
     for name, values in times.items():
         seconds = statistics.median(values)

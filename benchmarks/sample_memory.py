@@ -35,6 +35,7 @@ import torch
 from pixart_cli import sampling
 from pixart_cli.components import VAE
 from pixart_cli.models import build_pixart, pixart_config
+from pixart_cli.precision import describe_device
 from pixart_cli.sampling import Job, Pipeline, sample_latents
 from pixart_cli.text import TextEncoder
 from pixart_cli.tiny import train_tokenizer
@@ -206,7 +207,7 @@ def main() -> None:
     print(
         f"PixArt-XL/2 at {args.size}×{args.size} px, T5-XXL shape with {args.t5_layers}/24 layers, SD-shaped VAE; "
         f"random bf16 weights; batch {args.batch_size} (CFG: {2 * args.batch_size} per forward), "
-        f"dpm-solver {args.steps} steps, device {args.device}",
+        f"dpm-solver {args.steps} steps, device {describe_device(args.device)}",
         flush=True,
     )
     results = []

@@ -22,6 +22,7 @@ import torch
 
 from pixart_cli.convert import diffusers_transformer_config, ours_to_diffusers
 from pixart_cli.models import PixArtConfig, build_pixart, pixart_config
+from pixart_cli.precision import describe_device
 from pixart_cli.recipe import load_recipe
 
 # The model of the ShapesWorld CPU recipes, from the recipe itself.
@@ -235,10 +236,7 @@ def main() -> None:
     autocast = {"none": None, "bf16": torch.bfloat16}.get(args.autocast, default)
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_peak(device, torch.bfloat16) if device.type == "cuda" else None
-    print(
-        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  torch {torch.__version__}"
-        f"  threads {torch.get_num_threads()}  autocast {autocast}  checkpointing {args.checkpointing}"
-    )
+    print(f"device: {describe_device(str(device))}  autocast {autocast}  checkpointing {args.checkpointing}")
     if peak:
         print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s")
     header = f"{'config':<14} {'batch':>5} {'impl':<10} {'step ms':>9} {'img/s':>8} {'step GiB':>9} {'ratio':>6}"

@@ -9,9 +9,13 @@ Declaring the two operator schemas before torchvision is first imported lets its
 datasets and model definitions (all we use, e.g. clean-fid's Inception) then work; torchvision's compiled ops
 (``nms``, ``roi_align``, ...) stay unavailable, and calling them raises as before.
 
-This module must be imported before anything imports torchvision; ``pixart_cli/__init__.py`` does so first.
-It changes nothing where torchvision's extension loads (a matching CUDA or CPU build): that is checked by
-loading the extension first, since declaring the schemas there would make torchvision's own registration abort.
+This module must be imported before anything imports torchvision. Installing pixart-cli (``pip install .`` or
+``-e .``) puts ``pixart_cli_torchvision.pth`` in site-packages, so every interpreter of that environment applies it
+first, whatever it runs: the ``.pth`` installs a meta-path hook (``_pixart_torchvision_hook`` at the top level)
+that imports this module when torchvision is about to be imported, and nothing earlier (torch is not imported at
+start). ``pixart_cli/__init__.py`` imports it too, for a source tree run without installing. It changes nothing
+where torchvision's extension loads (a matching CUDA or CPU build): that is checked by loading the extension first,
+since declaring the schemas there would make torchvision's own registration abort.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ class Autoencoder:
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         if height % self.downsample or width % self.downsample:
-            raise ValueError(f"{height}×{width} px is not divisible by the encoder's downsampling {self.downsample}")
+            raise ValueError(f"{width}×{height} px is not divisible by the encoder's downsampling {self.downsample}")
         return self.channels, height // self.downsample, width // self.downsample
 
 

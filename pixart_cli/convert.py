@@ -6,8 +6,8 @@ by name. Formats:
 * ``pixart``: our checkpoint directory (``config.yaml`` + ``model.safetensors`` [+ ``ema.safetensors``]).
 * ``official``: a ``.pth`` holding ``{"state_dict": ..., "state_dict_ema"?: ...}`` (or a bare state dict), keys as
   in the official repository, including the stored ``pos_embed`` buffer.
-* ``diffusers``: a ``PixArtTransformer2DModel`` directory, or a ``PixArtAlphaPipeline`` directory (its
-  ``transformer/``).
+* ``diffusers``: a ``PixArtTransformer2DModel`` directory (with the ``scheduler_config.json`` that samples it:
+  its prediction type), or a ``PixArtAlphaPipeline`` directory (its ``transformer/`` and ``scheduler/``).
 """
 
 from __future__ import annotations
@@ -318,6 +318,7 @@ def config_from_diffusers(cfg: dict, max_length: int = 120, what: str = "diffuse
 #################################################################################
 
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+SCHEDULER_CONFIG = "scheduler_config.json"  # diffusers' name (SchedulerMixin.config_name)
 
 
 def detect_format(path: str | Path) -> SourceFormat:
@@ -403,8 +404,10 @@ def read_diffusers(path: str | Path, max_length: int = 120) -> Checkpoint:
     if cfg.get("_class_name", "PixArtTransformer2DModel") != "PixArtTransformer2DModel":
         raise PixartError(f"{directory}: a {cfg.get('_class_name')}, not a PixArtTransformer2DModel")
     config = config_from_diffusers(cfg, max_length, str(directory / "config.json"))
-    if directory != path:  # a pipeline's scheduler says what the transformer predicts
-        config = dataclasses.replace(config, prediction_type=_pipeline_prediction_type(path))
+    # The scheduler says what the transformer predicts: a pipeline's scheduler/, or the one we write beside a
+    # transformer (none: diffusers' default, epsilon).
+    scheduler = path / "scheduler" if directory != path else directory
+    config = dataclasses.replace(config, prediction_type=_scheduler_prediction_type(scheduler / SCHEDULER_CONFIG))
     ours = diffusers_to_ours(_read_diffusers_weights(directory), config)
     check_state_dict(ours, config, str(directory))
     meta = CheckpointMeta(null_caption="t5-empty", source=f"diffusers {path.name}")
@@ -418,8 +421,7 @@ def read_diffusers(path: str | Path, max_length: int = 120) -> Checkpoint:
     return Checkpoint(config, ours, None, meta)
 
 
-def _pipeline_prediction_type(pipeline: Path) -> str:
-    path = pipeline / "scheduler" / "scheduler_config.json"
+def _scheduler_prediction_type(path: Path) -> str:
     try:
         prediction_type = json.loads(path.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
     except (OSError, ValueError, AttributeError):  # no scheduler, or not a JSON object: diffusers' default
@@ -457,8 +459,22 @@ def _check_records_prediction(checkpoint: Checkpoint, target: str) -> None:
     if checkpoint.config.prediction_type != "epsilon":
         raise PixartError(
             f"this model predicts {checkpoint.config.prediction_type}, which {target} cannot record "
-            "(it would be sampled as an epsilon model); convert to pixart, or to a full diffusers pipeline "
-            "with --t5 and --vae, whose scheduler records it"
+            "(it would be sampled as an epsilon model); convert to pixart or to diffusers, whose scheduler "
+            "config records it"
+        )
+
+
+def _is_pixel_space(vae: str | None) -> bool:
+    return vae is not None and vae.strip().lower() == "none"
+
+
+def _check_pipeline_has_vae(checkpoint: Checkpoint, vae: str | None) -> None:
+    """PixArtAlphaPipeline always decodes with a VAE, so a pixel-space model has no pipeline form (refused before
+    anything is loaded: ``--vae none`` is not a hub id)."""
+    if _is_pixel_space(vae) or (vae is not None and _is_pixel_space(checkpoint.meta.vae)):
+        raise PixartError(
+            "a pixel-space model (vae none) cannot be a diffusers PixArtAlphaPipeline, which always decodes "
+            "with a VAE; drop --t5/--vae to write the transformer and its scheduler config"
         )
 
 
@@ -489,29 +505,33 @@ def write_diffusers(
     vae: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """A ``PixArtTransformer2DModel`` directory, or with ``t5`` and ``vae`` a full ``PixArtAlphaPipeline``."""
+    """A ``PixArtTransformer2DModel`` directory, or with ``t5`` and ``vae`` a full ``PixArtAlphaPipeline``.
+
+    The transformer alone does not know what it predicts (ε or v); diffusers' schedulers do (``prediction_type``).
+    A transformer directory therefore also holds ``scheduler_config.json``, the DPM-Solver config that samples the
+    model correctly: ``DPMSolverMultistepScheduler.from_pretrained(dst)`` (or any scheduler ``from_config``).
+    """
+    _check_pipeline_has_vae(checkpoint, vae)
     if (t5 is None) != (vae is None):
         raise PixartError("a diffusers pipeline needs both --t5 and --vae (or neither, for the transformer only)")
-    if t5 is None:
-        _check_records_prediction(checkpoint, "a diffusers transformer directory")
+    from diffusers import DPMSolverMultistepScheduler
+
     transformer = _diffusers_transformer(checkpoint.state_dict, checkpoint.config)
+    scheduler = DPMSolverMultistepScheduler(
+        **{**PIXART_SCHEDULER_CONFIG, "prediction_type": checkpoint.config.prediction_type}
+    )
     if t5 is None:
         with atomic_directory(dst, overwrite=overwrite) as tmp:
             transformer.save_pretrained(tmp, safe_serialization=True)
+            scheduler.save_config(tmp)
         return Path(dst)
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+    from diffusers import PixArtAlphaPipeline
 
     from pixart_cli.components import load_t5, load_vae
 
     tokenizer, text_encoder = load_t5(t5)
     pipeline = PixArtAlphaPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=load_vae(vae),
-        transformer=transformer,
-        scheduler=DPMSolverMultistepScheduler(
-            **{**PIXART_SCHEDULER_CONFIG, "prediction_type": checkpoint.config.prediction_type}
-        ),
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=load_vae(vae), transformer=transformer, scheduler=scheduler
     )
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)

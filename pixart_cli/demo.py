@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pixart_cli.components import ASSETS, resolve_builtin
@@ -61,6 +61,51 @@ def unknown_words(prompt: str) -> list[str]:
 
 def _words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
+
+
+# The demo's captions name one to three objects, each in the singular with an article and no (colour, shape) twice
+# in a scene: it never saw a plural shape or a count of objects, and draws such prompts as merged blobs.
+COUNTS_MESSAGE = (
+    "the demo model draws single objects named in the singular ('a red square'), one to three per image and no "
+    "two alike; plurals and counts ('two red squares') are outside what it learned (asked for here: {words}). Name "
+    "each object instead: 'a red square to the left of a blue square'."
+)
+_COUNT_WORDS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "dozen", "several", "many")
+
+
+@functools.cache
+def _count_patterns() -> tuple[re.Pattern, re.Pattern]:
+    from pixart_cli.data.shapes import SHAPES
+
+    plurals = [s + ("es" if s.endswith(("s", "x", "ch", "sh")) else "s") for s in SHAPES]  # "crosses"
+    nouns = "|".join(sorted((*SHAPES, *plurals), key=len, reverse=True))
+    # A count before a shape noun, up to two words (size, colour) apart: "two red squares", "3 big circles". The
+    # sparse captions' "two shapes" is not one: the demo saw it.
+    counted = re.compile(rf"\b({'|'.join(_COUNT_WORDS)}|\d+)\s+(?:[a-z]+\s+){{0,2}}(?:{nouns})\b", re.IGNORECASE)
+    return counted, re.compile(rf"\b(?:{'|'.join(plurals)})\b", re.IGNORECASE)
+
+
+def counted_words(prompt: str) -> list[str]:
+    """Words of ``prompt`` that ask the demo for several objects of a kind: counts and plural shape names."""
+    counted, plural = _count_patterns()
+    found = [(m.start(1), m[1]) for m in counted.finditer(prompt)]
+    found += [(m.start(), m[0]) for m in plural.finditer(prompt)]
+    return list(dict.fromkeys(w.lower() for _, w in sorted(found)))
+
+
+def demo_warnings(prompts: Sequence[str]) -> list[str]:
+    """What the demo model cannot draw in ``prompts``: counts and plurals, then words it never saw."""
+    warnings = []
+    counted = list(dict.fromkeys(w for p in prompts for w in counted_words(p)))
+    if counted:
+        warnings.append(COUNTS_MESSAGE.format(words=", ".join(counted[:8])))
+    unknown = sorted({w for p in prompts for w in unknown_words(p)}.difference(counted))
+    if unknown:
+        warnings.append(
+            f"unknown to the demo model: {', '.join(unknown[:8])}. This demo model knows shapes and colours; pass "
+            "--model for a real PixArt checkpoint."
+        )
+    return warnings
 
 
 def prompt_completion(text_encoder: str) -> Callable[[str, int], str] | None:

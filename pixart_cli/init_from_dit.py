@@ -39,7 +39,7 @@ from pixart_cli.checkpoint import (
 from pixart_cli.errors import PixartError
 from pixart_cli.io import load_torch_file
 from pixart_cli.models import DiTConfig, PixArtConfig, build_pixart, heads_for_width
-from pixart_cli.models.layers import FREQUENCY_EMBEDDING_SIZE, timestep_embedding
+from pixart_cli.models.layers import FREQUENCY_EMBEDDING_SIZE, sincos_pos_embed_2d, timestep_embedding
 
 StateDict = dict[str, torch.Tensor]
 
@@ -56,6 +56,7 @@ def read_dit(path: str | Path, num_heads: int | None = None) -> tuple[StateDict,
         ckpt = load_checkpoint(path)
         if not isinstance(ckpt.config, DiTConfig):
             raise PixartError(f"{path}: a PixArt checkpoint, not a DiT one")
+        check_dit_pos_embed(ckpt.weights(), ckpt.config, str(path))
         return ckpt.weights(), ckpt.config
     obj = load_torch_file(path)
     if isinstance(obj, dict) and "ema" in obj and "model" in obj:
@@ -67,7 +68,22 @@ def read_dit(path: str | Path, num_heads: int | None = None) -> tuple[StateDict,
         raise PixartError(f"{path}: already a PixArt checkpoint (use `pixart convert`)")
     config = dit_config_from_weights(state_dict, num_heads, str(path))
     check_state_dict(state_dict, config, str(path))
+    check_dit_pos_embed(state_dict, config, str(path))
     return state_dict, config
+
+
+def check_dit_pos_embed(state_dict: StateDict, config: DiTConfig, what: str) -> None:
+    """DiT stores its fixed sin-cos ``pos_embed``; PixArt recomputes its own, which equals DiT's only if the stored
+    one is the standard embedding for this grid. Check that rather than drop it unread (as ``pixart convert`` does
+    for PixArt's)."""
+    g = config.grid_size
+    expected = sincos_pos_embed_2d(config.hidden_size, g, g, base_size=g)[None]
+    stored = state_dict["pos_embed"]
+    if stored.shape != expected.shape or (stored.float() - expected).abs().max() > 1e-3:
+        raise PixartError(
+            f"{what}: stored pos_embed is not the sin-cos embedding of a {g}×{g} grid, so the PixArt made from it "
+            "would not see positions as this DiT did"
+        )
 
 
 def dit_config_from_weights(state_dict: StateDict, num_heads: int | None, what: str) -> DiTConfig:
@@ -170,6 +186,13 @@ def reparameterise(
         out[f"blocks.{i}.cross_attn.proj.bias"].zero_()
     check_state_dict(out, pixart_config, "re-parameterised weights")
     return out, pixart_config
+
+
+def in_dit_release_format(src: str | Path) -> bool:
+    """Whether ``src`` is a file in DiT's own formats (a raw state dict, a DiT ``train.py`` checkpoint): the form of
+    DiT's released weights, whose CC-BY-NC 4.0 licence a model initialised from them inherits. Our checkpoint
+    directories (``builtin:shapes-dit``, a stage-1 run) hold models trained here, so no licence note is due."""
+    return latest_in_run(src).is_file()
 
 
 def init_from_dit(

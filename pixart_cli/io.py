@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import pickle
@@ -18,16 +19,22 @@ import torch
 
 from pixart_cli.errors import PixartError
 
+# Classes a checkpoint may hold beyond tensors and plain containers. DiT's train.py saves its command line as
+# ``"args": argparse.Namespace``; rebuilding one only sets attributes, whose values pass the same allow-list.
+SAFE_CLASSES = (argparse.Namespace,)
+
 
 def load_torch_file(path: str | os.PathLike) -> Any:
-    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never arbitrary code."""
+    """``torch.load`` with ``weights_only=True``: tensors, plain containers and :data:`SAFE_CLASSES` only, never
+    arbitrary code."""
     path = Path(path)
     if not path.is_file():
         raise PixartError(f"{path}: no such file")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files we reject anyway
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError:
         foreign = [name for name in _pickle_globals(path) if _runs_code(name)]
         if foreign:
@@ -52,6 +59,8 @@ _SAFE_BUILTINS = frozenset(
 def _runs_code(name: str) -> bool:
     """Whether a pickle global would run code of its own choosing (for the message; nothing is ever unpickled)."""
     module, _, attribute = name.rpartition(".")
+    if any(name == f"{cls.__module__}.{cls.__qualname__}" for cls in SAFE_CLASSES):
+        return False
     if module == "builtins":
         return attribute not in _SAFE_BUILTINS
     return not any(module == safe or module.startswith(safe + ".") for safe in _SAFE_MODULES)

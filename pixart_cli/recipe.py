@@ -115,7 +115,9 @@ class TrainSection:
     steps: int = 10000  # optimiser steps
     batch_size: int = 32  # per GPU (per process), per micro-step
     grad_accumulation: int = 1
-    mixed_precision: Literal["fp32", "fp16", "bf16"] = "bf16"  # autocast dtype; weights stay fp32
+    # Autocast dtype (weights stay fp32). "auto": bf16 where the hardware computes it natively (a GPU with bf16, a CPU
+    # with AVX-512 BF16), fp16 on older GPUs, else fp32 — bf16 on an AVX2 CPU is ~17× slower (pixart_cli/precision.py).
+    mixed_precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)); the official recipes (from trained weights) use none
     caption_dropout: float = 0.1  # probability of the null caption (the null class for DiT): CFG training
@@ -140,11 +142,6 @@ class TrainSection:
             )
         if not 0 <= self.seed < 2**64:
             raise ValueError(f"seed: must be in [0, 2^64), got {self.seed}")
-
-    @property
-    def accelerate_precision(self) -> str:
-        """accelerate's name for it ("no" for fp32: YAML would read a bare no as false)."""
-        return "no" if self.mixed_precision == "fp32" else self.mixed_precision
 
 
 @dataclass(frozen=True)

@@ -338,23 +338,25 @@ def resolve_size(config: PixArtConfig, downsample: int, height: int | None, widt
         height = width = base
     height, width = (width if height is None else height), (height if width is None else width)  # one side: square
     if height <= 0 or width <= 0:
-        raise PixartError(f"image size must be positive, got {height}×{width}")
+        raise PixartError(f"image size must be positive, got {width}×{height} (width×height)")
     if config.multi_scale:
         buckets = aspect_ratio_buckets(base)
         if buckets is not None:
             snapped = snap_to_bucket(height, width, buckets)
             if snapped != (height, width):
                 logger.warning(
-                    "size %d×%d snapped to %d×%d, the nearest aspect-ratio bucket of this multi-scale model",
-                    height,
+                    "size %d×%d snapped to %d×%d (width×height), the nearest aspect-ratio bucket of this "
+                    "multi-scale model",
                     width,
-                    *snapped,
+                    height,
+                    snapped[1],
+                    snapped[0],
                 )
             height, width = snapped
     multiple = downsample * config.patch_size
     if height % multiple or width % multiple:
         what = f"{downsample} (VAE) × {config.patch_size} (patch)" if downsample > 1 else "the patch size"
-        raise PixartError(f"image size {height}×{width}: each side must be a multiple of {multiple} ({what})")
+        raise PixartError(f"image size {width}×{height}: each side must be a multiple of {multiple} ({what})")
     return height, width
 
 
@@ -745,7 +747,7 @@ def image_name(job: Job) -> str:
 class SampleReport:
     output_dir: Path
     manifest: Path
-    size: tuple[int, int]
+    size: tuple[int, int]  # (height, width), the tensors' order; print it as width×height
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     grid: Path | None = None

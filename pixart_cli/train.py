@@ -58,6 +58,7 @@ from pixart_cli.diffusion import GaussianDiffusion
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_directory, load_torch_file, remove_stale_temporaries
 from pixart_cli.models import DiTConfig, PixArtConfig
+from pixart_cli.precision import PrecisionChoice, choose_precision
 from pixart_cli.recipe import OptimSection, Recipe, TrainSection
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,17 @@ class TrainingDiverged(PixartError):
     """The loss or the gradients became NaN/inf."""
 
 
-class Interrupted(PixartError):
-    """SIGTERM/SIGINT: a checkpoint was saved and the run stopped."""
+class Interrupted(Exception):
+    """SIGTERM/SIGINT: a checkpoint was saved and the run stopped (not a user error: the CLI says how to go on)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + its number (130 SIGINT, 143 SIGTERM)."""
+        return 128 + self.signum
 
 
 #################################################################################
@@ -293,7 +303,7 @@ def save_training_checkpoint(
 class TrainResult:
     checkpoint: Path
     steps: int
-    final_loss: float
+    final_loss: float  # the last logged loss: the mean over its log window, as in metrics.jsonl and the bar
     metrics: Path
 
 
@@ -313,8 +323,28 @@ def lr_multiplier(optim: OptimSection, total_steps: int) -> Callable[[int], floa
     return multiplier
 
 
-def ensure_output_dir(output: Path) -> None:
-    """Create ``output.dir`` and prove it writable now, not at the first checkpoint hours later."""
+def make_accelerator(recipe: Recipe) -> tuple[Any, PrecisionChoice]:
+    """The run's Accelerator, with ``train.mixed_precision`` resolved for this machine (``auto``: bf16 only where
+    it is native)."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    choice = choose_precision(recipe.train.mixed_precision, "cuda" if cuda else "cpu")
+    return Accelerator(mixed_precision=choice.accelerate, cpu=not cuda), choice
+
+
+def ensure_output_dir(output: Path, resume: str | None = None) -> None:
+    """Create ``output.dir`` and prove it writable now, not at the first checkpoint hours later.
+
+    A folder that already holds checkpoints is refused unless the run resumes: a fresh run there would mix its
+    checkpoints and metrics with the old run's.
+    """
+    found = checkpoint_dirs(output) if output.is_dir() else []
+    if found and resume is None:
+        raise PixartError(
+            f"output.dir: {output} already holds checkpoints of a run (latest: {found[-1][1].name}); continue it "
+            "with --resume auto, or start a new run elsewhere with --set output.dir=NEW_DIR"
+        )
     try:
         output.mkdir(parents=True, exist_ok=True)
         # a name of its own: every rank of a launch runs this at once, and a shared name races (touch, unlink, unlink)
@@ -367,23 +397,21 @@ def train(
     resume: str | None = None,
     on_log: Callable[[dict], None] | None = None,
     on_sample: Callable[[nn.Module, int], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
     accelerator: Any = None,
 ) -> TrainResult:
     """Run (or continue) the training described by ``recipe``; returns the last checkpoint.
 
     ``batches`` supplies per-process micro-batches (see :class:`BatchSource`); ``on_log`` receives metric dicts
-    (main process); ``on_sample`` is called with the EMA model every ``log.sample_every`` steps.
+    (main process); ``on_step`` the number of optimiser steps done, once at the start and after every step (main
+    process); ``on_sample`` is called with the EMA model every ``log.sample_every`` steps.
     """
-    from accelerate import Accelerator
-
-    acc = accelerator or Accelerator(
-        mixed_precision=recipe.train.accelerate_precision, cpu=not torch.cuda.is_available()
-    )
+    acc = accelerator or make_accelerator(recipe)[0]
     torch.backends.cuda.matmul.allow_tf32 = recipe.train.tf32
     torch.backends.cudnn.allow_tf32 = recipe.train.tf32
     output = Path(recipe.output.dir)
     if acc.is_main_process:
-        ensure_output_dir(output)
+        ensure_output_dir(output, resume)
         for path in remove_stale_temporaries(output / CHECKPOINTS):  # never picked up, but each is a full checkpoint
             logger.info("removed a half-written checkpoint left by an interrupted run: %s", path.name)
 
@@ -431,7 +459,10 @@ def train(
         kept = [line for line in metrics_path.read_text().splitlines() if _step_of(line) <= position.step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
     losses: list[float] = []
+    last_logged = math.nan
     window_images, window_start = 0, time.perf_counter()
+    if on_step and acc.is_main_process:
+        on_step(position.step)
 
     data = batches.iterate(position.epoch, position.batch, device)
     with _StopFlag() as stop, contextlib.ExitStack() as stack:
@@ -468,7 +499,7 @@ def train(
             loss_sum, stop_votes, norm = torch.cat([votes, grad_norm.detach().float().reshape(1)]).tolist()
             loss_value, stopping = loss_sum / world, stop_votes > 0
             # fp16 overflow in the gradients is the grad scaler's business (it skips that update itself).
-            finite = math.isfinite(loss_value) and (recipe.train.mixed_precision == "fp16" or math.isfinite(norm))
+            finite = math.isfinite(loss_value) and (acc.mixed_precision == "fp16" or math.isfinite(norm))
             if not finite:
                 if recipe.train.nan_policy == "stop":
                     where = f"last good checkpoint: {last}" if last else "no checkpoint was written"
@@ -496,6 +527,7 @@ def train(
                     "images": position.images,
                     "grad_norm": norm,
                 }
+                last_logged = record["loss"]
                 if metrics is not None:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
@@ -506,6 +538,8 @@ def train(
                         on_log(record)
                 window_images, window_start = 0, time.perf_counter()
 
+            if on_step and acc.is_main_process:
+                on_step(position.step)
             at_end = position.step == recipe.train.steps
             if position.step % recipe.output.save_every == 0 or at_end or stopping:
                 _check_replicas(acc, raw_model)
@@ -520,7 +554,7 @@ def train(
                     on_sample(_ema_model(raw_model, ema), position.step)
                 acc.wait_for_everyone()
             if stopping and not at_end:
-                raise Interrupted(f"stopped by signal at step {position.step}; checkpoint saved to {last}")
+                raise Interrupted(stop.signal or signal.SIGTERM, position.step, last)
 
     if acc.is_main_process and losses:
         from pixart_cli.plot import line_plot, smooth
@@ -528,13 +562,13 @@ def train(
         history = _read_losses(metrics_path)
         line_plot(
             [s for s, _ in history],
-            {"loss": [v for _, v in history], "smoothed": smooth([v for _, v in history], 10)},
+            {"loss": [v for _, v in history], "smoothed": smooth([v for _, v in history])},
             output / "loss.png",
             title=recipe.name,
         )
     acc.wait_for_everyone()
     acc.end_training()
-    return TrainResult(last, position.step, losses[-1] if losses else math.nan, metrics_path)
+    return TrainResult(last, position.step, last_logged, metrics_path)
 
 
 def _draws(

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from typer.testing import CliRunner
 
 from pixart_cli.cli import app
 from pixart_cli.config import ConfigError, apply_overrides, from_dict, to_dict
+from pixart_cli.errors import PixartError
 from pixart_cli.models import PixArtConfig
 
 runner = CliRunner()
+COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
 
 
 def test_top_level_help_lists_the_commands():
@@ -21,11 +24,37 @@ def test_top_level_help_lists_the_commands():
         assert command in result.output
 
 
-@pytest.mark.parametrize("command", sorted(c.name or c.callback.__name__ for c in app.registered_commands))
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_shows_no_type_for_flags_and_upper_case_positionals(command):
+    """A flag takes no value (no ``<bool>``, not even for --help); positionals read alike: RECIPE, SRC, PROMPTS."""
+    result = runner.invoke(app, [*([command] if command else []), "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output
+    usage = next(line for line in result.output.splitlines() if "Usage:" in line)
+    positionals = re.findall(r"[{\[]([^\]}]+)[}\]]", usage.split("[OPTIONS]", 1)[1])
+    assert all(name in ("ARGS", "COMMAND") or name == name.upper() for name in positionals), usage
+    if command in ("convert", "train", "sample", "init-from-dit", "prepare"):
+        assert positionals and all(name.isupper() for name in positionals), usage
+
+
+def test_prepare_reports_a_missing_dataset_before_missing_options(tmp_path):
+    """The positional argument is checked first: a missing dataset is named before the missing --vae."""
+    result = runner.invoke(app, ["prepare", str(tmp_path / "no-such-dir")])
+    assert result.exit_code == 2
+    assert result.output.startswith("error:") and "no such dataset" in result.output, result.output
+    assert "--vae" not in result.output
+    from pixart_cli.data.cache import prepare
+
+    with pytest.raises(PixartError, match="no such dataset"):  # the library checks in the same order
+        prepare(tmp_path / "no-such-dir", tmp_path / "cache", t5=None, vae="none", resolution=0, batch_size=0)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_unknown_option_is_a_usage_error():

@@ -8,10 +8,10 @@ import pickle
 
 import pytest
 import torch
-from diffusers import PixArtTransformer2DModel
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, PixArtTransformer2DModel
 from typer.testing import CliRunner
 
-from pixart_cli.checkpoint import Checkpoint, instantiate, load_checkpoint, save_checkpoint
+from pixart_cli.checkpoint import Checkpoint, CheckpointMeta, instantiate, load_checkpoint, save_checkpoint
 from pixart_cli.cli import app
 from pixart_cli.convert import detect_format, diffusers_transformer_config, expected_pos_embed, ours_to_diffusers
 from pixart_cli.models import build_pixart
@@ -197,14 +197,66 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_v_prediction_is_refused_where_the_target_cannot_record_it(tmp_path):
-    """An official .pth or a bare diffusers transformer has no field for v-prediction: a clear error, no file."""
+    """An official .pth has no field for v-prediction: a clear error, no file."""
     src, _ = make_checkpoint(tmp_path, dataclasses.replace(TINY_PIXART, prediction_type="v_prediction"))
-    for target, out in (("official", tmp_path / "v.pth"), ("diffusers", tmp_path / "v-diffusers")):
-        result = cli("convert", src, "-o", out, "--to", target)
-        assert result.exit_code == 2 and "v_prediction" in result.output and "--t5" in result.output, result.output
-        assert not out.exists()
+    result = cli("convert", src, "-o", tmp_path / "v.pth", "--to", "official")
+    assert result.exit_code == 2 and "v_prediction" in result.output, result.output
+    assert not (tmp_path / "v.pth").exists()
     assert cli("convert", src, "-o", tmp_path / "copy").exit_code == 0
     assert load_checkpoint(tmp_path / "copy").config.prediction_type == "v_prediction"
+
+
+def test_v_prediction_pixel_model_converts_to_diffusers_with_its_scheduler(tmp_path):
+    """A ShapesWorld-like model (v-prediction, pixel space, multi-scale): diffusers' transformer computes the same
+    output, and the scheduler config written beside it makes diffusers' schedulers read it as v."""
+    config = dataclasses.replace(TINY_PIXART_MS, prediction_type="v_prediction", in_channels=3, learn_sigma=True)
+    model = randomize(build_pixart(config), seed=1).eval()
+    src = save_checkpoint(Checkpoint(config, model.state_dict(), None, CheckpointMeta(vae="none")), tmp_path / "v")
+    result = cli("convert", src, "-o", tmp_path / "hf", "--to", "diffusers")
+    assert result.exit_code == 0, result.output
+    theirs = PixArtTransformer2DModel.from_pretrained(tmp_path / "hf").eval()
+    x, t, caption, mask = inputs(config, 8, 12)
+    res, ar = torch.tensor([[64.0, 96.0]] * 3), torch.tensor([[8 / 12]] * 3)
+    with torch.no_grad():
+        ours = model(x, t, caption, mask, resolution=res, aspect_ratio=ar)
+        reference = diffusers_forward(theirs, x, t, caption, mask, res, ar)
+    assert (ours - reference).abs().max() <= 1e-5
+    for scheduler_class in (DPMSolverMultistepScheduler, DDPMScheduler):
+        scheduler = scheduler_class.from_pretrained(tmp_path / "hf")
+        assert scheduler.config.prediction_type == "v_prediction"
+        betas = scheduler.config.beta_schedule, scheduler.config.beta_start, scheduler.config.beta_end
+        assert betas == ("linear", 1e-4, 0.02)  # the training noise schedule
+    back = cli("convert", tmp_path / "hf", "-o", tmp_path / "back", "--max-length", config.max_length)
+    assert back.exit_code == 0, back.output
+    assert load_checkpoint(tmp_path / "back").config.prediction_type == "v_prediction"
+
+
+def test_pixel_space_pipeline_export_is_refused_before_loading_anything(tmp_path, monkeypatch):
+    """PixArtAlphaPipeline always decodes with a VAE: `--vae none` (or a pixel-space model) is one error line, with
+    nothing written and no VAE or T5 looked up (the hub would be asked for a model named "none")."""
+    import pixart_cli.components
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a component was loaded")
+
+    monkeypatch.setattr(pixart_cli.components, "load_vae", no_hub)
+    monkeypatch.setattr(pixart_cli.components, "load_t5", no_hub)
+    latent, _ = make_checkpoint(tmp_path, name="latent")
+    config = dataclasses.replace(TINY_PIXART, in_channels=3)
+    pixel = save_checkpoint(
+        Checkpoint(config, build_pixart(config).state_dict(), None, CheckpointMeta(vae="none")), tmp_path / "pixel"
+    )
+    for src, args in (
+        (latent, ["--vae", "none"]),
+        (latent, ["--vae", "None", "--t5", "t5-dir"]),
+        (pixel, ["--vae", "some-vae", "--t5", "t5-dir"]),
+    ):
+        out = tmp_path / "pipeline"
+        result = cli("convert", src, "-o", out, "--to", "diffusers", *args)
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error:") and "pixel-space" in result.output, result.output
+        assert "Traceback" not in result.output
+        assert not out.exists()
 
 
 def test_per_block_adaln_round_trips_ours_and_is_refused_elsewhere(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 from pixart_cli.cli import app
 from pixart_cli.components import ASSETS
 from pixart_cli.data.shapes import complete_prompt
-from pixart_cli.demo import SHAPES_DEMO, build_shapes_t5, demo_model, unknown_words
+from pixart_cli.demo import SHAPES_DEMO, build_shapes_t5, counted_words, demo_model, unknown_words
 
 runner = CliRunner()
 
@@ -34,6 +35,21 @@ def test_the_demo_is_the_default_model_and_warns_outside_its_vocabulary(tmp_path
     assert result.exit_code == 0, result.output
     assert "knows shapes and colours" in result.output and "corgi" in result.output
     assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_the_demo_says_it_draws_no_plurals_or_counts(tmp_path):
+    """Its captions name each object once, in the singular: "two red squares" gets that said, not just "unknown"."""
+    assert counted_words("two red squares") == ["two", "squares"]
+    assert counted_words("a circle and 3 big white crosses") == ["3", "crosses"]
+    assert counted_words("two shapes on a grey background") == []  # a sparse caption the demo was trained on
+    assert counted_words("a red square to the left of a blue square") == []
+    result = runner.invoke(app, ["sample", "two red squares", "-n", "1", "--steps", "2", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "the demo model draws single objects named in the singular ('a red square')" in result.output
+    assert "plurals and counts ('two red squares') are outside what it learned (asked for here: two, squares)" in (
+        result.output
+    )
+    assert "unknown to the demo model" not in result.output
 
 
 def test_the_demo_completes_short_prompts_and_says_so(tmp_path):
@@ -67,6 +83,7 @@ def test_the_demo_is_the_end_of_stage_3_and_draws_other_aspect_ratios(tmp_path):
     result = runner.invoke(app, [*args, "--width", "80", "--height", "48"])
     assert result.exit_code == 0, result.output
     assert [Image.open(f).size for f in tmp_path.glob("*.png")] == [(80, 48)]
+    assert "wrote 1 image (80×48)" in result.output  # width×height, as the options and the docs say it
 
 
 def test_the_shipped_t5_is_what_build_shapes_t5_makes(tmp_path):
@@ -105,6 +122,7 @@ def test_the_shipped_dit_starts_stage_2(tmp_path):
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
 
 
+@pytest.mark.slow  # ~30–55 s on a 2-core CPU: runs in CI with -m slow
 def test_shipped_model_level_does_not_regress():
     from pixart_cli.data.shapes import heldout_prompts
     from pixart_cli.data.shapes_detect import score_images

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from pixart_cli.checkpoint import instantiate, load_checkpoint
+from pixart_cli.checkpoint import Checkpoint, instantiate, load_checkpoint, save_checkpoint
 from pixart_cli.cli import app
 from pixart_cli.init_from_dit import init_from_dit
 from pixart_cli.models import DiT, dit_config
@@ -66,11 +67,17 @@ def test_cli_reparameterisation_reproduces_dit_at_t500(tmp_path):
 
 def test_other_t_and_dit_train_checkpoints_take_ema(tmp_path):
     model, ema = random_dit(seed=1), random_dit(seed=2)
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": None}, tmp_path / "0100.pt")
+    # What DiT's train.py saves: the command line as an argparse.Namespace beside the weights (and optimiser state).
+    args = argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=1000, epochs=1400, global_seed=0)
+    checkpoint = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": args}
+    torch.save(checkpoint, tmp_path / "0100.pt")
     ckpt = init_from_dit(tmp_path / "0100.pt", t=250.0, caption_channels=16, max_length=6, num_heads=4)
     pixart = instantiate(ckpt)
     reference = diffusers_dit(TINY_DIT, ema.state_dict())
     assert compare_at(pixart, reference, TINY_DIT, 250, 16) <= 1e-5
+    command = ["init-from-dit", str(tmp_path / "0100.pt"), "-o", str(tmp_path / "px"), "--num-heads", "4"]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
 
 
 def test_shapes_are_inferred_and_non_family_widths_need_heads(tmp_path):
@@ -91,8 +98,12 @@ def test_bad_dit_files_fail_cleanly(tmp_path):
     torch.save(sd, tmp_path / "missing.pt")
     torch.save({"y_embedder.y_proj.fc1.weight": torch.zeros(2, 2)}, tmp_path / "pixart.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    shifted = random_dit().state_dict()
+    shifted["pos_embed"] = shifted["pos_embed"].roll(1, dims=1)  # another grid's positions: PixArt's would differ
+    torch.save(shifted, tmp_path / "shifted.pt")
     for name, expected in [
         ("missing.pt", "missing keys: blocks.1.mlp.fc2.weight"),
+        ("shifted.pt", "stored pos_embed is not the sin-cos embedding"),
         ("pixart.pt", "already a PixArt"),
         ("junk.pt", "not a PyTorch checkpoint"),
         ("absent.pt", "no such file"),
@@ -119,3 +130,15 @@ def test_real_shaped_xl2_reparameterisation(tmp_path):
     assert sum(p.numel() for p in pixart.parameters()) == 610_856_096
     reference = diffusers_dit(config, torch.load(tmp_path / "DiT-XL-2-256x256.pt", weights_only=True))
     assert compare_at(pixart, reference, config, 500, 4096, batch=1) <= 1e-5
+
+
+def test_licence_note_only_for_files_in_dits_formats(tmp_path):
+    """DiT's released weights (raw state dicts, train.py checkpoints) are CC-BY-NC; our own DiT directories are not."""
+    torch.save(random_dit().state_dict(), tmp_path / "dit.pt")
+    common = ["--caption-channels", "16", "--max-length", "6", "--num-heads", "4"]
+    cases = [(str(tmp_path / "dit.pt"), True), ("builtin:shapes-dit", False), (str(tmp_path / "ours"), False)]
+    save_checkpoint(Checkpoint(TINY_DIT, random_dit().state_dict()), tmp_path / "ours")
+    for i, (src, noted) in enumerate(cases):
+        result = runner.invoke(app, ["init-from-dit", src, "-o", str(tmp_path / f"out{i}"), *common])
+        assert result.exit_code == 0, result.output
+        assert ("CC-BY-NC" in result.output) == noted, (src, result.output)

@@ -189,8 +189,8 @@ def test_sigkill_while_a_checkpoint_is_written_leaves_no_partial_checkpoint_and_
 
 def test_sigterm_and_sigint_save_a_checkpoint_and_resume_exactly(world, reference, tmp_path):
     """SIGTERM to the whole process group (loader workers included, as a scheduler sends it), then SIGINT: each
-    saves a checkpoint at the step reached (odd steps: not a regular save) and exits with one line; resuming twice
-    ends where the uninterrupted run did."""
+    saves a checkpoint at the step reached (odd steps: not a regular save), says how to continue and exits 143 /
+    130 (not an error); resuming twice ends where the uninterrupted run did."""
     run = tmp_path / "run"
     stopped_at = []
     for sig, after in ((signal.SIGTERM, 3), (signal.SIGINT, 6)):
@@ -199,9 +199,10 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_resume_exactly(world, referenc
         assert wait_for(proc, lambda after=after: logged_step(run) >= after), proc.communicate()[0][-3000:]
         os.killpg(proc.pid, sig)
         output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 2, output[-3000:]
-        found = re.search(r"error: stopped by signal at step (\d+); checkpoint saved to (\S+)", output)
-        assert found and "Traceback" not in output, output[-3000:]
+        assert proc.returncode == 128 + sig, output[-3000:]  # the shell's convention: 143 SIGTERM, 130 SIGINT
+        found = re.search(rf"stopped at step (\d+) \({sig.name}\); checkpoint: (\S+)", output)
+        assert found and "Traceback" not in output and "error:" not in output, output[-3000:]
+        assert "continue with: pixart train " in output and output.rstrip().endswith("--resume auto"), output[-500:]
         step = int(found[1])
         assert after <= step < STEPS and Path(found[2]) == run / "checkpoints" / f"step-{step:07d}"
         assert max(assert_only_complete_checkpoints(run)) == step

@@ -190,6 +190,18 @@ def test_null_caption_embedding_matches_diffusers_negative_embeds(models):
     assert np.abs(images - t5_empty).max() > 10, "the null caption should matter"
 
 
+def test_size_messages_read_width_by_height(caplog):
+    """People read 80×48 as 80 wide and 48 high, as --width 80 --height 48 ask."""
+    with pytest.raises(PixartError, match="image size 80×50: each side must be a multiple of 16"):
+        resolve_size(TINY, 8, 50, 80)
+    with pytest.raises(PixartError, match=r"got 80×-16 \(width×height\)"):
+        resolve_size(TINY, 8, -16, 80)
+    config = dataclasses.replace(TINY, hidden_size=48, input_size=128, multi_scale=True)  # 1024 px: official buckets
+    with caplog.at_level(logging.WARNING, logger="pixart_cli"):
+        height, width = resolve_size(config, 8, 1000, 1500)
+    assert f"size 1500×1000 snapped to {width}×{height} (width×height)" in caplog.text
+
+
 def test_multi_scale_snaps_to_buckets_and_matches_diffusers(tmp_path, tiny_t5, caplog):
     """PixArtMS (1024 px base): size snapped like diffusers' binning; resolution/aspect conditioning identical."""
     from diffusers import PixArtAlphaPipeline

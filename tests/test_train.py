@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -460,6 +461,7 @@ def test_ema_warmup_forgets_the_initial_weights():
     assert EMA(model, 0.9999, warmup=False).decay_at(0) == 0.9999
 
 
+@pytest.mark.slow  # ~30–55 s on a 2-core CPU: runs in CI with -m slow
 def test_compiled_blocks_train_and_save_plain_checkpoints(world, tmp_path):
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *stage2_args(world, run, steps=2),
@@ -576,3 +578,124 @@ def test_v_prediction_trains_is_recorded_and_is_inherited_from_model_init(world,
     recipe, _ = load_recipe(stage2, [*inherit, f"model.config={TINY_MODEL.rstrip('}')}, prediction_type: epsilon}}"])
     model, description = build_training_model(recipe)
     assert model.config.prediction_type == "epsilon" and "switching from v_prediction to epsilon" in description
+
+
+# -- what a newcomer meets first: precision, a used folder, stops, the bar, the dry run ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("requested", "native", "capability", "expected", "warns"),
+    [
+        ("auto", True, "AVX512", "bf16", False),
+        ("auto", False, "AVX2", "fp32", False),
+        ("bf16", False, "AVX2", "bf16", True),
+        ("bf16", True, "AVX512", "bf16", False),
+        ("fp32", False, "AVX2", "fp32", False),
+    ],
+)
+def test_auto_precision_takes_bf16_only_where_the_cpu_computes_it(monkeypatch, requested, native, capability,
+                                                                   expected, warns):  # fmt: skip
+    from pixart_cli import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_capability", lambda: capability)
+    choice = precision.choose_precision(requested, "cpu")
+    assert choice.precision == expected and (choice.warning is not None) == warns
+    assert capability in choice.describe()
+    if warns:
+        assert "slower than fp32" in choice.warning and "auto" in choice.warning
+
+
+def test_native_bf16_follows_the_kernel_level_torch_uses():
+    """A CPU with AVX-512 BF16 forced down to AVX2 kernels (ATEN_CPU_CAPABILITY=avx2) emulates bf16: auto is fp32."""
+    code = "from pixart_cli.precision import choose_precision as c; print(c('auto', 'cpu').precision)"
+    import subprocess
+
+    env = {**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "fp32"
+
+
+def test_train_logs_the_precision_it_chose(world, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    args = stage2_args(world, tmp_path / "run", steps=2, batch=4)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *args, "--set",
+                                     "train.mixed_precision=auto", "--set", "log.every=1"])  # fmt: skip
+    finally:  # accelerate keeps one precision per process; the other tests train in fp32
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert result.exit_code == 0, result.output
+    assert "precision: " in result.output and "(auto: this CPU: " in result.output
+
+
+def test_a_folder_with_checkpoints_is_refused_without_resume(world, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", str(ROOT / "recipes" / "stage2.yaml"), *stage2_args(world, run, steps=2, batch=4)]
+    assert runner.invoke(app, args).exit_code == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "already holds checkpoints" in result.output and "--resume auto" in result.output
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert runner.invoke(app, [*args, "--resume", "auto"]).exit_code == 0  # resuming (here: nothing left) is fine
+
+
+def test_done_line_reports_the_last_logged_loss(world, tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"),
+                                 *stage2_args(world, run, steps=12, batch=4)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"loss {last['loss']:.4f} (the last logged value)" in result.output
+
+
+def test_the_bar_moves_every_step_and_prints_lines_off_a_terminal(world, tmp_path):
+    """On_step is called at the start and after every step; off a terminal the bar prints plain lines with an ETA."""
+    from pixart_cli.train import make_accelerator, train
+    from pixart_cli.train_data import batch_source
+
+    recipe, resolved = load_recipe(
+        ROOT / "recipes" / "stage2.yaml",
+        [a for a in stage2_args(world, tmp_path / "run", steps=6, batch=4) if a != "--set"],
+    )
+    accelerator, _ = make_accelerator(recipe)
+    seen: list[int] = []
+    train(recipe, resolved, batch_source(recipe, accelerator), on_step=seen.append, accelerator=accelerator)
+    assert seen == list(range(7))
+
+    import io
+
+    from rich.console import Console
+
+    from pixart_cli.cli.progress import Bar
+
+    log = io.StringIO()
+    with Bar(console=Console(file=log), interval=3600) as bar:  # off a terminal: the first update, then the last
+        task = bar.add_task("encoding", total=4, info="")
+        for done in range(1, 5):
+            bar.update(task, completed=done, info=f"shard {done}/4")
+    lines = [line for line in log.getvalue().splitlines() if re.match(r"encoding \d", line)]
+    assert lines[0].startswith("encoding 1/4 (25%)") and "ETA" in lines[0] and lines[0].endswith("shard 1/4")
+    assert lines[1].startswith("encoding 4/4 (100%)") and len(lines) == 2
+    result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"),
+                                 *stage2_args(world, tmp_path / "cli", steps=3, batch=4)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "train 3/3 (100%)" in result.output
+
+
+def test_dry_run_speaks_of_processes_on_a_cpu_estimates_time_and_flags_missing_inputs(tmp_path):
+    result = runner.invoke(app, ["train", str(ROOT / "recipes" / "shapes" / "stage3.yaml"), "--dry-run",
+                                 "--set", f"model.init={tmp_path / 'nowhere'}",
+                                 "--set", f"data.cache={tmp_path / 'no-cache'}"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "per process" in text and "GPU" not in text.split("launch")[0].replace("GPUs that", "")
+    assert "here in" in text and "measured on" in text  # the time estimate names what it scales
+    assert f"missing: model.init: {tmp_path / 'nowhere'} does not exist" in text
+    assert "missing: data.cache:" in text and "pixart prepare" in text
+    assert "none scaling" not in text and "(not scaled with the batch)" in text
+    xl = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), "--dry-run"])
+    xl_text = " ".join(xl.output.split())
+    assert "H200-hours" in xl_text and "× √(" in xl_text

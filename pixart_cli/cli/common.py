@@ -11,10 +11,56 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from pixart_cli.errors import PixartError
 
-app = typer.Typer(
+
+class _Flag(TyperOption):
+    """An on/off option: it takes no value, so --help shows no type (typer's rich help writes ``<bool>``)."""
+
+    def display_type_rich(self, ctx: typer.Context) -> str | None:
+        return None
+
+
+class _Positional(TyperArgument):
+    """A positional argument shown upper-case (``SRC``) when it has no metavar, like those that have one
+    (``RECIPE``); typer shows the parameter's own name (``{src}``) otherwise."""
+
+    @property
+    def display_name_raw(self) -> str:
+        return self.metavar if self.metavar is not None else (self.name or "").upper()
+
+
+def _tidy_help(params: list) -> list:
+    """Give each parameter the help display above (the same object, re-classed: parsing is untouched)."""
+    for param in params:
+        if type(param) is TyperOption and param.is_flag:
+            param.__class__ = _Flag
+        elif type(param) is TyperArgument:
+            param.__class__ = _Positional
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: typer.Context) -> list:  # every use (usage line, help panels, parsing) goes here
+        return _tidy_help(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: typer.Context) -> list:
+        return _tidy_help(super().get_params(ctx))
+
+
+class _Typer(typer.Typer):
+    """Registers commands with the help display above unless a command names its own class."""
+
+    def command(self, name: str | None = None, *, cls: type[TyperCommand] | None = None, **kwargs):
+        return super().command(name, cls=cls or _Command, **kwargs)
+
+
+app = _Typer(
+    cls=_Group,
     name="pixart",
     help="Train, sample, convert and evaluate PixArt-α text-to-image diffusion transformers.",
     no_args_is_help=True,

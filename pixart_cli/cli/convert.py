@@ -80,6 +80,7 @@ def init_from_dit(
 ) -> None:
     """Initialise a PixArt model from a class-conditional DiT (the paper's re-parameterisation, at t=500)."""
     from pixart_cli.checkpoint import save_checkpoint
+    from pixart_cli.init_from_dit import in_dit_release_format
     from pixart_cli.init_from_dit import init_from_dit as run
 
     if caption_channels <= 0 or max_length <= 0:
@@ -92,4 +93,5 @@ def init_from_dit(
         f"PixArt depth {c.depth}, width {c.hidden_size}, patch {c.patch_size}, input {c.input_size} "
         f"from DiT at t={t:g} → [bold]{output}[/]"
     )
-    console.print("[dim]note: DiT's released weights are CC-BY-NC 4.0; derived models inherit that licence.[/]")
+    if in_dit_release_format(checkpoint):  # not for our own DiT checkpoints (builtin:shapes-dit, stage-1 runs)
+        console.print("[dim]note: DiT's released weights are CC-BY-NC 4.0; derived models inherit that licence.[/]")

@@ -47,13 +47,14 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, float, int], None]]:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
-    bar = Progress(
+    from pixart_cli.cli.progress import Bar
+
+    bar = Bar(
         TextColumn("{task.description:<26}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -84,13 +84,17 @@ def prepare(
     Given a recipe, the dataset, cache directory, encoders, resolution, buckets and caption length come from it
     (--t5, --vae and -o still override), so `pixart train` then finds exactly the cache it expects.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
+    from pixart_cli.cli.progress import Bar
     from pixart_cli.data.cache import PrepareProgress
     from pixart_cli.data.cache import prepare as run_prepare
 
     bucket_multiple = None
-    if data.suffix in (".yaml", ".yml"):
+    is_recipe = data.suffix in (".yaml", ".yml")
+    if not is_recipe and not data.exists():  # the positional argument first, then the options, as they are read
+        raise PixartError(f"{data}: no such dataset file or directory")
+    if is_recipe:
         from pixart_cli.components import load_autoencoder
         from pixart_cli.models import DiTConfig
         from pixart_cli.recipe import load_recipe
@@ -125,25 +129,19 @@ def prepare(
     quiet_hub_libraries()
     if output is None:
         output = data.with_name(f"{data.stem if data.is_file() else data.name}-cache")
-    bar = Progress(
-        TextColumn("[bold]encoding"),
+    bar = Bar(
+        TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("items · {task.fields[shards]} · {task.fields[bad]} bad"),
+        TextColumn("items · {task.fields[info]}"),
         TimeRemainingColumn(),
-        console=console,
         transient=True,
     )
-    task = bar.add_task("encoding", total=None, shards="", bad=0)
+    task = bar.add_task("encoding", total=None, info="")
 
     def show(p: PrepareProgress) -> None:
-        bar.update(
-            task,
-            completed=p.items_done + p.bad_images,
-            total=p.items_total,
-            shards=f"shard {p.shards_done}/{p.shards_total}",
-            bad=p.bad_images,
-        )
+        info = f"shard {p.shards_done}/{p.shards_total} · {p.bad_images} bad"
+        bar.update(task, completed=p.items_done + p.bad_images, total=p.items_total, info=info)
 
     with library_logging(), bar:
         report = run_prepare(
@@ -170,11 +168,12 @@ def prepare(
     resumed = f" ({report.resumed_shards} shards were already done)" if report.resumed_shards else ""
     console.print(
         f"cached [bold]{report.items}[/] of {report.records} images in {report.shards} shards → "
-        f"[bold]{report.cache_dir}[/] in {report.seconds:.1f} s{resumed}"
+        f"[bold]{report.cache_dir}[/] in {report.seconds:.1f} s{resumed}",
+        soft_wrap=True,
     )
     if len(report.bucket_counts) > 1:
-        sizes = ", ".join(f"{h}×{w}: {n}" for (h, w), n in sorted(report.bucket_counts.items()))
-        console.print(f"  buckets (H×W: items): {sizes}", soft_wrap=True)
+        sizes = ", ".join(f"{w}×{h}: {n}" for (h, w), n in sorted(report.bucket_counts.items()))
+        console.print(f"  buckets (W×H: items): {sizes}", soft_wrap=True)
     if report.missing_captions:
         what = "kept with empty captions" if keep_empty_captions else "skipped"
         console.print(f"  [yellow]{report.missing_captions} image(s) without a caption ({what})[/]")

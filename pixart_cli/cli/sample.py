@@ -41,11 +41,12 @@ def _progress_bar() -> Iterator[Callable[[float, int], None]]:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+
+    from pixart_cli.cli.progress import Bar
 
     columns = (
         TextColumn("sampling"),
@@ -55,7 +56,7 @@ def _progress_bar() -> Iterator[Callable[[float, int], None]]:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    bar = Progress(*columns, console=console, transient=False)
+    bar = Bar(*columns, transient=False)
     task = bar.add_task("sampling", total=None)
 
     def update(done: float, total: int) -> None:
@@ -144,7 +145,7 @@ def sample(
 
     Existing images made with the same settings are skipped, so an interrupted run can be resumed.
     """
-    from pixart_cli.demo import SHAPES_DEMO, unknown_words
+    from pixart_cli.demo import SHAPES_DEMO, demo_warnings
     from pixart_cli.sampling import Pipeline, check_sampler, default_model, write_samples
 
     prompt_list = _read_prompts(prompts, prompts_file)
@@ -160,13 +161,8 @@ def sample(
             "with --t5 and --vae)"
         )
     if model == SHAPES_DEMO:
-        unknown = sorted({w for p in prompt_list for w in unknown_words(p)})
-        if unknown:
-            console.print(
-                f"[yellow]warning:[/] unknown to the demo model: {', '.join(unknown[:8])}. This demo model knows "
-                "shapes and colours; pass --model for a real PixArt checkpoint.",
-                soft_wrap=True,
-            )
+        for warning in demo_warnings(prompt_list):
+            console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True, highlight=False)
     torch_device = resolve_device(device)
     quiet_hub_libraries()
     with library_logging():
@@ -193,8 +189,8 @@ def sample(
                 grid=grid,
                 progress=progress,
             )
-    h, w = report.size
-    made = f"wrote {len(report.written)} image{'s' if len(report.written) != 1 else ''} ({h}×{w})"
+    h, w = report.size  # (height, width), as tensors are; people read sizes as width×height
+    made = f"wrote {len(report.written)} image{'s' if len(report.written) != 1 else ''} ({w}×{h})"
     if report.skipped:
         made += f", skipped {len(report.skipped)} already there"
     console.print(f"{made} → [bold]{report.output_dir}[/]", soft_wrap=True)

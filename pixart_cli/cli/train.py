@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from pixart_cli.cli.common import app, console, fails_cleanly, library_logging, quiet_hub_libraries
+
+if TYPE_CHECKING:
+    from pixart_cli.recipe import Recipe
 
 
 @app.command()
@@ -26,95 +30,130 @@ def train(
     ] = False,
 ) -> None:
     """Train one stage described by a recipe (runs unchanged under `accelerate launch` and `torchrun`)."""
-    from pixart_cli.plan import describe_model, describe_schedule, plan
     from pixart_cli.recipe import load_recipe
 
     overrides = tuple(overrides or ())
     recipe, resolved = load_recipe(recipe_path, overrides)
     if dry_run:
-        p = plan(recipe, str(recipe_path), overrides)
-        table = Table(title=f"{recipe.name} (stage {recipe.stage})", show_header=False, box=None)
-        rows = [
-            ("model", describe_model(recipe)),
-            ("parameters", f"{p.parameters:,} ({p.trainable:,} trainable)"),
-            ("image tokens", f"{p.tokens:,} per sample at {recipe.data.resolution} px"),
-            ("cluster", f"{recipe.cluster.nodes} × {recipe.cluster.gpus_per_node} {recipe.cluster.gpu}"),
-            (
-                "global batch",
-                f"{p.per_gpu_batch} per GPU × {p.grad_accumulation} accumulation × {p.world_size} GPUs"
-                f" = {p.global_batch:,}",
-            ),
-            ("steps", f"{p.steps:,} ({p.images:,} images)"),
-            ("learning rate", f"{p.learning_rate:.3g} ({recipe.optim.lr_scaling} scaling of {recipe.optim.lr:g})"),
-            ("schedule", describe_schedule(recipe)),
-            ("memory / GPU", f"≈ {p.memory_gib:.1f} GiB (estimate: training state + activations)"),
-            ("init", recipe.model.init or "fresh"),
-            ("output", recipe.output.dir),
-        ]
-        for key, value in rows:
-            table.add_row(f"[bold]{key}[/]", value)
-        console.print(table)
-        console.print("launch (on every node):")
-        print(p.launch)
+        _print_plan(recipe, str(recipe_path), overrides)
         return
 
-    import torch
-    from accelerate import Accelerator
-
-    from pixart_cli.train import ensure_output_dir
+    from pixart_cli.train import Interrupted, ensure_output_dir, make_accelerator
     from pixart_cli.train import train as run_train
     from pixart_cli.train_data import batch_source, validation_sampler
 
     quiet_hub_libraries()
-    ensure_output_dir(Path(recipe.output.dir))
-    accelerator = Accelerator(mixed_precision=recipe.train.accelerate_precision, cpu=not torch.cuda.is_available())
-    progress = _Progress(recipe.train.steps, enabled=accelerator.is_main_process)
-    with library_logging():
-        source = batch_source(recipe, accelerator)  # data errors surface before the progress bar starts
-        with progress:
-            result = run_train(
-                recipe,
-                resolved,
-                source,
-                resume=resume,
-                on_log=progress.update,
-                on_sample=validation_sampler(recipe),
-                accelerator=accelerator,
-            )
-    if accelerator.is_main_process:
-        console.print(f"done: {result.steps} steps, last loss {result.final_loss:.4f}")
-        console.print(f"checkpoint: [bold]{result.checkpoint}[/]  metrics: {result.metrics}")
+    ensure_output_dir(Path(recipe.output.dir), resume)  # before any data is read: a used folder is refused at once
+    accelerator, precision = make_accelerator(recipe)
+    main = accelerator.is_main_process
+    progress = _Progress(recipe.train.steps, recipe.global_batch(accelerator.num_processes), enabled=main)
+    try:
+        with library_logging():
+            source = batch_source(recipe, accelerator)  # data errors surface before the progress bar starts
+            if main:  # after the input checks: a bad input's output is one error line
+                console.print(precision.describe(), style="dim", soft_wrap=True)
+                if precision.warning:
+                    console.print(f"warning: {precision.warning}", style="yellow", soft_wrap=True)
+            with progress:
+                result = run_train(
+                    recipe,
+                    resolved,
+                    source,
+                    resume=resume,
+                    on_log=progress.log,
+                    on_step=progress.step,
+                    on_sample=validation_sampler(recipe),
+                    accelerator=accelerator,
+                )
+    except Interrupted as stop:
+        if main:
+            again = shlex.join(["pixart", "train", str(recipe_path), *(f"--set={o}" for o in overrides)])
+            where = f"stopped at step {stop.step} ({signal_name(stop.signum)}); checkpoint: {stop.checkpoint}"
+            console.print(where, soft_wrap=True, markup=False)
+            console.print(f"continue with: {again} --resume auto", soft_wrap=True, markup=False)
+        raise typer.Exit(stop.exit_code) from None
+    if main:
+        console.print(f"done: {result.steps} steps, loss {result.final_loss:.4f} (the last logged value)")
+        console.print(f"checkpoint: [bold]{result.checkpoint}[/]  metrics: {result.metrics}", soft_wrap=True)
         faults = source.faults.summary()
         if faults:
             console.print(faults, style="yellow", soft_wrap=True, markup=False)
 
 
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def _print_plan(recipe: Recipe, recipe_path: str, overrides: tuple[str, ...]) -> None:
+    from pixart_cli.plan import describe_batch, describe_learning_rate, describe_model, describe_schedule, plan
+
+    p = plan(recipe, recipe_path, overrides)
+    unit = "process" if recipe.cluster.gpu.upper() == "CPU" else "GPU"
+    table = Table(title=f"{recipe.name} (stage {recipe.stage})", show_header=False, box=None)
+    rows = [
+        ("model", describe_model(recipe)),
+        ("parameters", f"{p.parameters:,} ({p.trainable:,} trainable)"),
+        ("image tokens", f"{p.tokens:,} per sample at {recipe.data.resolution} px"),
+        ("cluster", f"{recipe.cluster.nodes} × {recipe.cluster.gpus_per_node} {recipe.cluster.gpu}"),
+        ("global batch", describe_batch(recipe, p.world_size)),
+        ("steps", f"{p.steps:,} ({p.images:,} images)"),
+        ("learning rate", describe_learning_rate(recipe, p.world_size)),
+        ("schedule", describe_schedule(recipe)),
+        ("precision", p.precision),
+        (f"memory / {unit}", f"≈ {p.memory_gib:.1f} GiB (estimate: training state + activations)"),
+        ("time", p.time),
+        ("init", recipe.model.init or "fresh"),
+        ("output", recipe.output.dir),
+    ]
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/]", value)
+    console.print(table)
+    for line in p.missing:
+        console.print(f"missing: {line}", style="yellow", soft_wrap=True, markup=False)
+    console.print("launch (on every node):")
+    print(p.launch)
+
+
 class _Progress:
-    """A rich progress bar fed by the training loop's metric records."""
+    """The training bar: moves every step, with images/s and an ETA; loss and lr from the logged metrics."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    def __init__(self, total: int, images_per_step: int, enabled: bool) -> None:
+        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.enabled = enabled
-        self.progress = Progress(
-            TextColumn("[bold]train"),
+        from pixart_cli.cli.progress import Bar
+
+        self.images_per_step = images_per_step
+        self.loss = ""
+        self.started = False
+        self.bar = Bar(
+            TextColumn("[bold]{task.description}"),
             BarColumn(),
             TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
+            TextColumn("ETA"),
             TimeRemainingColumn(),
-            console=console,
             disable=not enabled,
         )
-        self.task = self.progress.add_task("train", total=total, info="")
+        self.task = self.bar.add_task("train", total=total, info="")
 
     def __enter__(self) -> _Progress:
-        self.progress.__enter__()
+        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+        self.bar.__exit__(*exc)
 
-    def update(self, record: dict) -> None:
-        info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['images_per_s']:.1f} img/s"
-        self.progress.update(self.task, completed=record["step"], info=info)
+    def step(self, step: int) -> None:
+        if not self.started:  # the start (0, or the resumed step): no speed yet
+            self.started = True
+            self.bar.reset(self.task, completed=step, info=self.loss)
+            return
+        speed = self.bar.tasks[self.task].speed
+        rate = f"  {speed * self.images_per_step:.1f} img/s" if speed else ""
+        self.bar.update(self.task, completed=step, info=self.loss + rate)
+
+    def log(self, record: dict) -> None:
+        self.loss = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}"

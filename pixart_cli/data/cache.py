@@ -245,6 +245,8 @@ def prepare(
     """
     start_time = time.perf_counter()
     output = Path(output)
+    if not Path(data).exists():  # the dataset before the settings, as a reader meets them (the scan comes later)
+        raise PixartError(f"{data}: no such dataset file or directory")
     if batch_size <= 0 or shard_size <= 0 or max_length <= 0 or resolution <= 0:
         raise PixartError("batch size, shard size, max length and resolution must be positive")
     if not 0 <= max_bad_fraction <= 1:

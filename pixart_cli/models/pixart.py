@@ -321,7 +321,7 @@ class PixArt(nn.Module):
         b, _, height, width = x.shape
         p = self.config.patch_size
         if height % p or width % p:
-            raise ValueError(f"input {height}×{width} is not a multiple of the patch size {p}")
+            raise ValueError(f"input {width}×{height} (W×H) is not a multiple of the patch size {p}")
         gh, gw = height // p, width // p
         if timestep.ndim == 0:
             timestep = timestep.expand(b)
