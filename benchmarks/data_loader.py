@@ -3,7 +3,7 @@
 Writes a synthetic feature cache in the real layout (``pixart_cli.data.cache``) with XL/2 512-px shapes — latent
 posterior mean + std 4×64×64 fp16 and a full-length caption 120×4096 fp16 (no trimming: the worst case, ~1 MB per
 item) — then times ``make_loader`` over it (``CachedDataset`` → ``BucketBatchSampler`` → ``collate``) with several
-worker counts, and prints items/s against the images/s one GPU trains at (FACTS §8 anchors):
+worker counts, and prints items/s against the images/s one GPU trains at (docs/reference.md §5–6):
 
 * training FLOPs per 512-px image = 3 × 1,236 GFLOPs forward = 3.7 TFLOPs (no activation recompute);
 * A100 at the DiT-XL/2 anchor's ~25% MFU of 312 TFLOP/s bf16 → ~21 img/s;
@@ -32,7 +32,7 @@ from pixart_cli.data.loader import CachedDataset, make_loader
 
 LATENT = (4, 64, 64)
 CAPTION = (120, 4096)
-TRAIN_TFLOPS_PER_IMAGE = 3 * 1.236  # FACTS §8: forward 1,236 GFLOPs at 512 px; training ≈ 3× forward
+TRAIN_TFLOPS_PER_IMAGE = 3 * 1.236  # docs/reference.md §5: forward 1,236 GFLOPs at 512 px; training ≈ 3× forward
 ANCHORS = {  # name → sustained TFLOP/s of one GPU
     "A100 @ 25% MFU (DiT-XL/2 anchor)": 0.25 * 312,
     "H100 @ 25% MFU": 0.25 * 989,

@@ -3,7 +3,7 @@
 One step = forward + backward + AdamW on a batch of latents, captions (with padding masks) and timesteps.
 Prints a table of median step times, images/s, the step's peak GPU memory (gradients, AdamW moments and
 activations above the resident weights) and the ratio reference/ours (>1: we are faster).
-On a GPU it also reports model FLOPs utilisation (FACTS §8 formula) against a bf16 matmul peak measured in the
+On a GPU it also reports model FLOPs utilisation (docs/reference.md §5) against a bf16 matmul peak measured in the
 same run. Timings are noisy: compare ratios, never absolute numbers across machines.
 
     python benchmarks/train_step.py                      # CPU: tiny and small configs
@@ -72,7 +72,7 @@ PRESETS = {
 
 
 def flops_per_image(config: PixArtConfig, tokens: int, caption: int) -> float:
-    """Training FLOPs per image: 3× forward (FACTS §8 per-block multiply-adds × 2 FLOPs)."""
+    """Training FLOPs per image: 3× forward (docs/reference.md §5: per-block multiply-adds × 2 FLOPs)."""
     d, n, t = config.hidden_size, tokens, caption
     per_block = 14 * n * d * d + 2 * t * d * d + 2 * n * n * d + 2 * n * t * d
     return 3 * 2 * per_block * config.depth

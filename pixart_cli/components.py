@@ -170,8 +170,8 @@ def load_autoencoder(name: str, dtype: torch.dtype | None = None, device: torch.
 
 
 def draw_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw ``mean + std · ε`` from an ``Autoencoder.encode`` posterior, in float32 (FACTS §4: a fresh latent
-    each time an item is read); ``ε`` comes from ``generator``'s device."""
+    """One draw ``mean + std · ε`` from an ``Autoencoder.encode`` posterior, in float32 (a fresh latent each time an
+    item is read, as the official loader does: docs/reference.md §4); ``ε`` comes from ``generator``'s device."""
     mean, std = mean.float(), std.float()
     device = generator.device if generator is not None else mean.device
     noise = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32).to(mean.device)

@@ -53,7 +53,7 @@ DIFFUSERS_CREATED = {
 }
 
 #################################################################################
-#                 The official ↔ diffusers key table (FACTS §2)                 #
+#          The official ↔ diffusers key table (docs/reference.md §1)            #
 #################################################################################
 
 _GLOBAL_PAIRS = [

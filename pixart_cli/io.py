@@ -8,6 +8,7 @@ import os
 import pickle
 import pickletools
 import shutil
+import time
 import uuid
 import warnings
 import zipfile
@@ -192,11 +193,31 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
     tmp.mkdir()
     try:
         yield tmp
+        fault_point("before-rename", dst)
         _fsync_tree(tmp)
         _replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# For the kill tests: ``PIXART_FAULT_POINT=NAME:TARGET:MARKER`` makes the process that reaches fault point NAME for
+# the file or directory named TARGET create MARKER and wait there, so a test can kill it at exactly that moment
+# (e.g. ``before-rename:step-0000004:/tmp/m``: every file of that checkpoint written, the directory not yet renamed)
+# instead of polling for a window it may miss.
+FAULT_POINT_VARIABLE = "PIXART_FAULT_POINT"
+
+
+def fault_point(name: str, target: Path) -> None:
+    spec = os.environ.get(FAULT_POINT_VARIABLE)
+    if not spec:
+        return
+    point, _, rest = spec.partition(":")
+    wanted, _, marker = rest.partition(":")
+    if point == name and wanted == target.name and marker:
+        Path(marker).touch()
+        while True:  # until killed
+            time.sleep(60)
 
 
 @contextlib.contextmanager

@@ -116,6 +116,9 @@ class Position:
     epoch: int = 0  # data position: the next micro-batch is batch `batch` of epoch `epoch`
     batch: int = 0
     images: int = 0  # images seen, all processes together
+    # Finite losses since the last logged step: the next metric line averages them, so a run resumed between two
+    # log lines logs what the uninterrupted run would have.
+    window: list[float] = dataclasses.field(default_factory=list)
 
 
 class EMA:
@@ -458,7 +461,7 @@ def train(
     if acc.is_main_process and metrics_path.exists():  # forget metrics logged after the checkpoint we resume
         kept = [line for line in metrics_path.read_text().splitlines() if _step_of(line) <= position.step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
-    losses: list[float] = []
+    trained = False  # any step taken by this call (loss.png is drawn only then)
     last_logged = math.nan
     window_images, window_start = 0, time.perf_counter()
     if on_step and acc.is_main_process:
@@ -514,20 +517,21 @@ def train(
 
             # A skipped step is not logged, but still saves and stops where due (the last step included).
             if finite:
-                losses.append(loss_value)
+                position.window.append(loss_value)
+                trained = True
                 window_images += step_images
             if finite and (position.step % recipe.log.every == 0 or position.step == recipe.train.steps):
                 elapsed = time.perf_counter() - window_start
-                recent = losses[-recipe.log.every :]
                 record = {
                     "step": position.step,
-                    "loss": sum(recent) / len(recent),
+                    "loss": sum(position.window) / len(position.window),
                     "lr": scheduler.get_last_lr()[0],
                     "images_per_s": window_images / max(elapsed, 1e-9),
                     "images": position.images,
                     "grad_norm": norm,
                 }
                 last_logged = record["loss"]
+                position.window = []
                 if metrics is not None:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
@@ -556,7 +560,7 @@ def train(
             if stopping and not at_end:
                 raise Interrupted(stop.signal or signal.SIGTERM, position.step, last)
 
-    if acc.is_main_process and losses:
+    if acc.is_main_process and trained:
         from pixart_cli.plot import line_plot, smooth
 
         history = _read_losses(metrics_path)

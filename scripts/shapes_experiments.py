@@ -6,7 +6,7 @@ choices (``PAPER``: ε prediction, uniform timesteps, constant lr) and then chan
 ``--stage1`` names the stage-1 DiT of the ``dit-*`` arms (default: the shipped builtin:shapes-dit, a v model).
 
 * ``dit-dense``     ε, stage 2 from the stage-1 DiT (init-from-dit re-parameterisation), dense captions. The
-  session-4 rows used the ε DiT shipped then; from a v DiT the run switches the prediction type (logged).
+  2026-11-27 rows used the ε DiT shipped then; from a v DiT the run switches the prediction type (logged).
 * ``scratch-dense`` the same from a fresh initialisation (claim a: starting from stage 1 pays).
 * ``scratch-dense-official`` from scratch with the official caption-projection init instead of the recipe's xavier.
 * ``dit-sparse``    from the DiT, sparse alt-text-like captions of the same scenes (claim b: dense captions pay).

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random components built once per test session (seconds, no downloads)."""
+"""Shared fixtures: tiny random components built once per test run (seconds, no downloads)."""
 
 from __future__ import annotations
 

@@ -18,10 +18,10 @@ from pixart_cli.demo import SHAPES_DEMO, build_shapes_t5, counted_words, demo_mo
 runner = CliRunner()
 
 # ShapesBench on the first 48 held-out prompts (seed 0, one image each, DPM-Solver++ 20 steps, CFG 4.5, 64×64) for
-# the shipped model (session 11: the end of stage 3, 6,000 CPU steps × 32 at 64 px from the session-10 stage-2
+# the shipped model (2026-12-04: the end of stage 3, 6,000 CPU steps × 32 at 64 px from the 2026-11-27 stage-2
 # demo): measured color 48/48, shape 42/48, spatial 18/24 (of the prompts with a relation), complex 30/48. The
 # floors sit two prompts lower (colour one), for float differences between machines; docs/shapes.md has the
-# 200-prompt numbers. The session-10 stage-2 demo (32 px) scored 47/48, 37/48, 14/24, 29/48. Raise the floors
+# 200-prompt numbers. The 2026-11-27 stage-2 demo (32 px) scored 47/48, 37/48, 14/24, 29/48. Raise the floors
 # when a better model ships.
 SHIPPED_LEVEL = {"color": 47 / 48, "shape": 40 / 48, "spatial": 16 / 24, "complex": 28 / 48}
 

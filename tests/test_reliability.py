@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from pixart_cli.checkpoint import checkpoint_dirs, load_checkpoint
 from pixart_cli.cli import app
 from pixart_cli.data.loader import CachedDataset
-from pixart_cli.io import png_is_complete
+from pixart_cli.io import FAULT_POINT_VARIABLE, png_is_complete
 from tests.test_train import stage2_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,10 +79,16 @@ def train_command(world: Path, out: Path, *extra: str, workers: int = 0) -> list
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def start(command: list[str], cwd: Path) -> subprocess.Popen:
-    # A session of its own: signals sent to its process group reach the loader workers too, as a scheduler's do.
+def start(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    # A process group of its own: signals sent to it reach the loader workers too, as a scheduler's do.
     return subprocess.Popen(
-        command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        command,
+        cwd=cwd,
+        env={**ENV, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -93,12 +99,13 @@ def finish(command: list[str], cwd: Path) -> str:
 
 
 def wait_for(proc: subprocess.Popen, condition, timeout: float = 300.0) -> bool:
-    """Poll ``condition`` every half millisecond while ``proc`` runs; False if it ended (or timed out) first."""
+    """Poll ``condition`` every 10 ms while ``proc`` runs; False if it ended (or timed out) first. Conditions are
+    states the run stays in (a logged step, a fault point it waits at), so the interval does not decide a test."""
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         if condition():
             return True
-        time.sleep(0.0005)
+        time.sleep(0.01)
     return False
 
 
@@ -159,22 +166,17 @@ def reference(world, tmp_path_factory) -> Path:
 def test_sigkill_while_a_checkpoint_is_written_leaves_no_partial_checkpoint_and_resumes_exactly(
     world, reference, tmp_path
 ):
-    """kill -9 while a hidden checkpoint directory is half-written: it is never listed nor resumed from, the next
-    run deletes it, and ``--resume auto`` ends with the uninterrupted run's weights and metrics."""
+    """kill -9 while a checkpoint is written (at a fault point in the atomic writer: every file of step 6 written,
+    its hidden directory not yet renamed): it is never listed nor resumed from, the next run deletes it, and
+    ``--resume auto`` ends with the uninterrupted run's weights and metrics."""
     run = tmp_path / "run"
-    first_save = random.Random(0).choice([4, 6])  # seeded: the kill point is the same on every test run
-
-    def mid_write() -> bool:  # at least one file written, the directory not yet renamed
-        try:
-            return any(int(p.name[6:13]) >= first_save and any(p.iterdir()) for p in temporaries(run))
-        except FileNotFoundError:  # renamed while we looked
-            return False
-
-    proc = start(train_command(world, run), tmp_path)
-    caught = wait_for(proc, mid_write)
+    marker = tmp_path / "at-the-fault-point"
+    env = {FAULT_POINT_VARIABLE: f"before-rename:step-0000006:{marker}"}  # all its files written, not yet renamed
+    proc = start(train_command(world, run), tmp_path, env)
+    caught = wait_for(proc, marker.exists)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert caught, "the run ended before a checkpoint write could be caught"
+    assert caught, "the run ended before reaching the fault point"
     leftover = temporaries(run)
     assert leftover, "the half-written checkpoint should still be there"
     partial = int(leftover[0].name[6:13])

@@ -57,11 +57,30 @@ def models(tmp_path_factory, tiny_t5, tiny_vae) -> dict[str, Path]:
     return out
 
 
+# The reference schedulers, written out by hand rather than taken from our make_scheduler. The published PixArt-α
+# pipelines were converted by diffusers' scripts/convert_pixart_alpha_to_diffusers.py with
+# `DPMSolverMultistepScheduler()`, i.e. diffusers' defaults, which are these values. DDIM has no published PixArt
+# config: the reference is the usual one for a 1000-step linear schedule (Stable Diffusion's offset, no final alpha 1).
+PUBLISHED_SCHEDULERS = {
+    "dpm-solver": ("DPMSolverMultistepScheduler", {
+        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "prediction_type": "epsilon", "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
+        "lower_order_final": True, "timestep_spacing": "linspace", "steps_offset": 0, "thresholding": False,
+    }),
+    "ddim": ("DDIMScheduler", {
+        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+    }),
+}  # fmt: skip
+
+
 def _diffusers_pipeline(path: Path, sampler: str):
+    import diffusers
     from diffusers import PixArtAlphaPipeline
 
     pipe = PixArtAlphaPipeline.from_pretrained(str(path))
-    pipe.scheduler = make_scheduler(sampler)
+    name, config = PUBLISHED_SCHEDULERS[sampler]
+    pipe.scheduler = getattr(diffusers, name)(**config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -204,7 +223,7 @@ def test_size_messages_read_width_by_height(caplog):
 
 def test_multi_scale_snaps_to_buckets_and_matches_diffusers(tmp_path, tiny_t5, caplog):
     """PixArtMS (1024 px base): size snapped like diffusers' binning; resolution/aspect conditioning identical."""
-    from diffusers import PixArtAlphaPipeline
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
     config = dataclasses.replace(TINY, hidden_size=48, input_size=128, patch_size=8, multi_scale=True)
     make_tiny_pixart(tmp_path / "ms", config, seed=2)
@@ -232,7 +251,7 @@ def test_multi_scale_snaps_to_buckets_and_matches_diffusers(tmp_path, tiny_t5, c
         text_encoder=text.encoder,
         vae=None,
         transformer=transformer,
-        scheduler=make_scheduler("dpm-solver"),
+        scheduler=DPMSolverMultistepScheduler(**PUBLISHED_SCHEDULERS["dpm-solver"][1]),
     )
     pipe.set_progress_bar_config(disable=True)
     reference = pipe(
@@ -479,7 +498,7 @@ def test_cli_seeds_and_batches(models, tmp_path):
     common = ["a photo of a cat", "two dogs playing in the snow", "--model", model, "--steps", "5", "-n", "4"]
     first = _sample(*common, "--batch-size", "3", "--seed", "11", "-o", str(tmp_path / "a"))
     assert first.exit_code == 0, first.output
-    assert "wrote 8 images" in first.stderr and str(tmp_path / "a") in first.stderr
+    assert "wrote 8 images" in first.stdout and str(tmp_path / "a") in first.stdout
     a = _pngs(tmp_path / "a")
     assert sorted(a) == [f"p0000{i}-s{s}.png" for i in (0, 1) for s in (11, 12, 13, 14)]
 
@@ -524,7 +543,7 @@ def test_cli_records_settings_and_resumes(models, tmp_path):
     (out / "manifest.jsonl").write_text((out / "manifest.jsonl").read_text()[:-20])
     before = (out / "p00000-s0.png").stat().st_mtime_ns
     again = _sample(*args)
-    assert again.exit_code == 0 and "wrote 1 image" in again.stderr and "skipped 1" in again.stderr
+    assert again.exit_code == 0 and "wrote 1 image" in again.stdout and "skipped 1" in again.stdout
     assert (out / "p00000-s0.png").stat().st_mtime_ns == before
     files = []
     for line in (out / "manifest.jsonl").read_text().splitlines():

@@ -699,3 +699,39 @@ def test_dry_run_speaks_of_processes_on_a_cpu_estimates_time_and_flags_missing_i
     xl = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), "--dry-run"])
     xl_text = " ".join(xl.output.split())
     assert "H200-hours" in xl_text and "× √(" in xl_text
+
+
+def test_a_stop_between_log_lines_resumes_to_the_same_logged_losses(world, tmp_path):
+    """SIGTERM during step 7 of a run that logs every 4 steps (its checkpoint: step 7, between two log lines): after
+    resuming, the line logged at step 8 averages the same steps as the uninterrupted run's, and the weights agree."""
+    import os
+    import signal
+
+    from pixart_cli.train import Interrupted, make_accelerator, train
+    from pixart_cli.train_data import batch_source
+
+    def run(out: Path, resume: str | None = None, stop_at: int | None = None):
+        overrides = [a for a in stage2_args(world, out, steps=12, batch=4) if a != "--set"] + ["log.every=4"]
+        recipe, resolved = load_recipe(ROOT / "recipes" / "stage2.yaml", overrides)
+        accelerator, _ = make_accelerator(recipe)
+
+        def on_step(step: int) -> None:
+            if step == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # seen by the loop at the next step boundary
+
+        return train(recipe, resolved, batch_source(recipe, accelerator), resume=resume, on_step=on_step,
+                     accelerator=accelerator)  # fmt: skip
+
+    run(tmp_path / "full")
+    with pytest.raises(Interrupted) as stopped:
+        run(tmp_path / "split", stop_at=6)
+    assert stopped.value.step % 4 != 0 and stopped.value.exit_code == 128 + signal.SIGTERM
+    run(tmp_path / "split", resume="auto")
+    full, split = ([(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / name / "metrics.jsonl").open())]
+                   for name in ("full", "split"))  # fmt: skip
+    assert [step for step, _ in full] == [4, 8, 12] == [step for step, _ in split]
+    assert [loss for _, loss in split] == pytest.approx([loss for _, loss in full], rel=1e-6)
+    for name in ("model", "ema"):
+        a, b = (load_file(tmp_path / run_ / "checkpoints" / "step-0000012" / f"{name}.safetensors")
+                for run_ in ("full", "split"))  # fmt: skip
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

@@ -75,7 +75,7 @@ def dit_to_diffusers_state_dict(sd: dict[str, torch.Tensor], depth: int) -> dict
 
 
 def diffusers_dit(config: DiTConfig, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """diffusers' DiT loaded with our DiT weights, with the official timestep frequencies (FACTS §3)."""
+    """diffusers' DiT loaded with our DiT weights, with the official timestep frequencies (docs/reference.md §2)."""
     from diffusers import DiTTransformer2DModel
 
     model = DiTTransformer2DModel(

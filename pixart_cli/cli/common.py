@@ -1,13 +1,19 @@
-"""Pieces every command shares: the Typer app, the stderr console, clean failures, dtype choices."""
+"""Pieces every command shares: the Typer app, the two consoles, clean failures, dtype choices.
+
+Results go to stdout (``out``, or one JSON object with ``--json``) so that ``pixart eval-fid … > fid.txt`` keeps just
+the result; progress bars, log lines, warnings and errors go to stderr (``console``).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import enum
 import functools
+import json
 import logging
+import os
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -68,6 +74,18 @@ app = _Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)  # results only; without a terminal (a pipe, a file) rich writes them without colour
+
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print the result as one JSON object on stdout (progress and logs stay on stderr)."),
+]
+
+
+def print_json(data: dict[str, Any]) -> None:
+    """The ``--json`` result: one line, one object, paths as strings, nothing else on stdout."""
+    print(json.dumps(data, default=os.fspath), flush=True)
+
 
 F = TypeVar("F", bound=Callable[..., object])
 

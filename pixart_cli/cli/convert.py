@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pixart_cli.cli.common import DType, app, console, fails_cleanly
+from pixart_cli.cli.common import DType, JsonOpt, app, console, fails_cleanly, out, print_json
 from pixart_cli.errors import PixartError
 
 
@@ -42,6 +42,7 @@ def convert(
         int, typer.Option("--max-length", help="Caption tokens, for diffusers sources (they do not record it).")
     ] = 120,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Convert a PixArt checkpoint between our format, the official .pth and diffusers (source detected)."""
     from pixart_cli.convert import convert as run_convert
@@ -58,12 +59,26 @@ def convert(
         max_length=max_length,
         overwrite=overwrite,
     )
+    if as_json:
+        print_json(
+            {
+                "source": src,
+                "source_format": report.source_format,
+                "output": report.destination,
+                "format": report.target,
+                "weights": report.weights,
+                "dropped": report.dropped,
+                "created": report.created,
+            }
+        )
+        return
+    # What was read and changed on the way is a log (stderr); what was written is the result (stdout).
     console.print(f"read {report.source_format} checkpoint [bold]{src}[/] ({report.weights} weights)")
     for key, why in report.dropped.items():
         console.print(f"  dropped {key}: {why}")
     for key, why in report.created.items():
         console.print(f"  created {key}: {why}")
-    console.print(f"wrote {report.target} → [bold]{report.destination}[/]")
+    out.print(f"wrote {report.target} → [bold]{report.destination}[/]", soft_wrap=True)
 
 
 @app.command("init-from-dit")
@@ -77,6 +92,7 @@ def init_from_dit(
     num_heads: Annotated[int | None, typer.Option("--num-heads", help="For widths outside the DiT family.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the new caption layers.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Initialise a PixArt model from a class-conditional DiT (the paper's re-parameterisation, at t=500)."""
     from pixart_cli.checkpoint import save_checkpoint
@@ -89,9 +105,23 @@ def init_from_dit(
     output = output or Path(f"{checkpoint.stem if checkpoint.is_file() else checkpoint.name}-pixart")
     save_checkpoint(result, output, overwrite=overwrite)
     c = result.config
-    console.print(
-        f"PixArt depth {c.depth}, width {c.hidden_size}, patch {c.patch_size}, input {c.input_size} "
-        f"from DiT at t={t:g} → [bold]{output}[/]"
-    )
+    if as_json:
+        print_json(
+            {
+                "output": output,
+                "format": "pixart",
+                "depth": c.depth,
+                "hidden_size": c.hidden_size,
+                "patch_size": c.patch_size,
+                "input_size": c.input_size,
+                "t": t,
+            }
+        )
+    else:
+        out.print(
+            f"PixArt depth {c.depth}, width {c.hidden_size}, patch {c.patch_size}, input {c.input_size} "
+            f"from DiT at t={t:g} → [bold]{output}[/]",
+            soft_wrap=True,
+        )
     if in_dit_release_format(checkpoint):  # not for our own DiT checkpoints (builtin:shapes-dit, stage-1 runs)
         console.print("[dim]note: DiT's released weights are CC-BY-NC 4.0; derived models inherit that licence.[/]")

@@ -4,6 +4,7 @@ ShapesWorld). Both generate resumably and shard generation across processes unde
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import os
 from collections.abc import Callable, Iterator
@@ -15,10 +16,13 @@ from rich.table import Table
 
 from pixart_cli.cli.common import (
     DType,
+    JsonOpt,
     app,
     console,
     fails_cleanly,
     library_logging,
+    out,
+    print_json,
     quiet_hub_libraries,
     resolve_device,
 )
@@ -221,6 +225,7 @@ def eval_fid(
     workers: Annotated[int | None, typer.Option("--workers", help="Threads decoding/resizing images.")] = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """COCO zero-shot FID (FID-30K protocol, clean-fid clean mode), or FID between two folders.
 
@@ -257,14 +262,27 @@ def eval_fid(
                 num=num, limit=limit, seed=seed, size=size, real_set=real_set.value, cache_dir=cache, clip=scorer,
                 batch_size=feature_batch_size, workers=workers, device=torch_device, shard=shard, progress=progress,
             )  # fmt: skip
-    if report is None:
+    if report is None:  # not the main process under accelerate: it prints nothing
+        return
+    if as_json:
+        print_json(
+            {
+                "fid": report.fid,
+                "clip_score": report.clip_score,
+                "real_images": report.real_images,
+                "fake_images": report.fake_images,
+                "size": size,
+                "report": report.path,
+                "settings": report.settings,
+            }
+        )
         return
     line = f"FID {report.fid:.3f} ({report.fake_images} generated vs {report.real_images} real images, {size} px)"
     if report.clip_score is not None:
         line += f", CLIP score {report.clip_score:.4f}"
-    console.print(line)
+    out.print(line, soft_wrap=True)
     if report.path is not None:
-        console.print(f"report: [bold]{report.path}[/]")
+        out.print(f"report: [bold]{report.path}[/]", soft_wrap=True)
 
 
 class Bench(str, enum.Enum):
@@ -337,6 +355,7 @@ def eval_compbench(
     width: WidthOpt = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """T2I-CompBench: generate in its layout (<out>/<category>/samples/<prompt>_<index>.png) and score each category.
 
@@ -410,6 +429,10 @@ def eval_compbench(
             )  # fmt: skip
     if report is None:
         return
+    if as_json:
+        categories = {name: dataclasses.asdict(result) for name, result in report.categories.items()}
+        print_json({"benchmark": report.benchmark, "categories": categories, "report": report.path})
+        return
     table = Table(title=f"{report.benchmark}: mean score per category")
     for column in ("category", "evaluator", "score", "images", "prompts"):
         table.add_column(column, justify="right" if column in ("score", "images", "prompts") else "left")
@@ -417,5 +440,5 @@ def eval_compbench(
         table.add_row(result.category, result.evaluator, f"{result.mean:.4f}", str(result.images), str(result.prompts))
         for name, value in result.extra.items():
             table.add_row(f"  {name}", "", f"{value:.4f}", "", "")
-    console.print(table)
-    console.print(f"report: [bold]{report.path}[/] (per-image scores in <category>/scores.json)")
+    out.print(table)
+    out.print(f"report: [bold]{report.path}[/] (per-image scores in <category>/scores.json)", soft_wrap=True)

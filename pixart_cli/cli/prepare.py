@@ -10,10 +10,13 @@ import typer
 
 from pixart_cli.cli.common import (
     DType,
+    JsonOpt,
     app,
     console,
     fails_cleanly,
     library_logging,
+    out,
+    print_json,
     quiet_hub_libraries,
     resolve_device,
 )
@@ -78,6 +81,7 @@ def prepare(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="With a recipe: override a recipe value (repeatable).")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Pre-extract caption features (or class labels) and latents into a sharded cache; reruns resume.
 
@@ -165,15 +169,34 @@ def prepare(
             overwrite=overwrite,
             progress=show,
         )
-    resumed = f" ({report.resumed_shards} shards were already done)" if report.resumed_shards else ""
-    console.print(
-        f"cached [bold]{report.items}[/] of {report.records} images in {report.shards} shards → "
-        f"[bold]{report.cache_dir}[/] in {report.seconds:.1f} s{resumed}",
-        soft_wrap=True,
-    )
-    if len(report.bucket_counts) > 1:
-        sizes = ", ".join(f"{w}×{h}: {n}" for (h, w), n in sorted(report.bucket_counts.items()))
-        console.print(f"  buckets (W×H: items): {sizes}", soft_wrap=True)
+    if as_json:
+        print_json(
+            {
+                "cache_dir": report.cache_dir,
+                "items": report.items,
+                "records": report.records,
+                "shards": report.shards,
+                "resumed_shards": report.resumed_shards,
+                "buckets": [
+                    {"width": w, "height": h, "items": n} for (h, w), n in sorted(report.bucket_counts.items())
+                ],
+                "missing_captions": report.missing_captions,
+                "skipped_captions": report.skipped_captions,
+                "bad_images": [{"path": bad.path, "reason": bad.reason} for bad in report.bad_images],
+                "seconds": report.seconds,
+            }
+        )
+    else:
+        resumed = f" ({report.resumed_shards} shards were already done)" if report.resumed_shards else ""
+        out.print(
+            f"cached [bold]{report.items}[/] of {report.records} images in {report.shards} shards → "
+            f"[bold]{report.cache_dir}[/] in {report.seconds:.1f} s{resumed}",
+            soft_wrap=True,
+        )
+        if len(report.bucket_counts) > 1:
+            sizes = ", ".join(f"{w}×{h}: {n}" for (h, w), n in sorted(report.bucket_counts.items()))
+            out.print(f"  buckets (W×H: items): {sizes}", soft_wrap=True)
+    # What was left out is a warning: stderr, with or without --json.
     if report.missing_captions:
         what = "kept with empty captions" if keep_empty_captions else "skipped"
         console.print(f"  [yellow]{report.missing_captions} image(s) without a caption ({what})[/]")

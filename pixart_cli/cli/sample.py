@@ -11,10 +11,13 @@ import typer
 
 from pixart_cli.cli.common import (
     DType,
+    JsonOpt,
     app,
     console,
     fails_cleanly,
     library_logging,
+    out,
+    print_json,
     quiet_hub_libraries,
     resolve_device,
 )
@@ -140,6 +143,7 @@ def sample(
             show_default=False,
         ),
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Generate images from text prompts: one PNG per image, settings in the PNG and in manifest.jsonl.
 
@@ -190,10 +194,23 @@ def sample(
                 progress=progress,
             )
     h, w = report.size  # (height, width), as tensors are; people read sizes as width×height
+    if as_json:
+        print_json(
+            {
+                "output_dir": report.output_dir,
+                "written": report.written,
+                "skipped": report.skipped,
+                "width": w,
+                "height": h,
+                "manifest": report.manifest,
+                "grid": report.grid,
+            }
+        )
+        return
     made = f"wrote {len(report.written)} image{'s' if len(report.written) != 1 else ''} ({w}×{h})"
     if report.skipped:
         made += f", skipped {len(report.skipped)} already there"
-    console.print(f"{made} → [bold]{report.output_dir}[/]", soft_wrap=True)
-    console.print(f"settings per image: [bold]{report.manifest}[/] (and in each PNG's text chunk)", soft_wrap=True)
+    out.print(f"{made} → [bold]{report.output_dir}[/]", soft_wrap=True)
+    out.print(f"settings per image: [bold]{report.manifest}[/] (and in each PNG's text chunk)", soft_wrap=True)
     if report.grid is not None:
-        console.print(f"grid: [bold]{report.grid}[/]", soft_wrap=True)
+        out.print(f"grid: [bold]{report.grid}[/]", soft_wrap=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -9,7 +10,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pixart_cli.cli.common import app, console, fails_cleanly, library_logging, quiet_hub_libraries
+from pixart_cli.cli.common import (
+    JsonOpt,
+    app,
+    console,
+    fails_cleanly,
+    library_logging,
+    out,
+    print_json,
+    quiet_hub_libraries,
+)
 
 if TYPE_CHECKING:
     from pixart_cli.recipe import Recipe
@@ -28,6 +38,7 @@ def train(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate and print the plan and launch command; train nothing.")
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train one stage described by a recipe (runs unchanged under `accelerate launch` and `torchrun`)."""
     from pixart_cli.recipe import load_recipe
@@ -35,7 +46,7 @@ def train(
     overrides = tuple(overrides or ())
     recipe, resolved = load_recipe(recipe_path, overrides)
     if dry_run:
-        _print_plan(recipe, str(recipe_path), overrides)
+        _print_plan(recipe, str(recipe_path), overrides, as_json)
         return
 
     from pixart_cli.train import Interrupted, ensure_output_dir, make_accelerator
@@ -72,12 +83,25 @@ def train(
             console.print(where, soft_wrap=True, markup=False)
             console.print(f"continue with: {again} --resume auto", soft_wrap=True, markup=False)
         raise typer.Exit(stop.exit_code) from None
-    if main:
-        console.print(f"done: {result.steps} steps, loss {result.final_loss:.4f} (the last logged value)")
-        console.print(f"checkpoint: [bold]{result.checkpoint}[/]  metrics: {result.metrics}", soft_wrap=True)
-        faults = source.faults.summary()
-        if faults:
-            console.print(faults, style="yellow", soft_wrap=True, markup=False)
+    if not main:
+        return
+    if as_json:
+        print_json(
+            {
+                "checkpoint": result.checkpoint,
+                "steps": result.steps,
+                "final_loss": result.final_loss,
+                "metrics": result.metrics,
+                "unreadable_images": source.faults.unreadable,
+                "missing_captions": source.faults.missing_captions,
+            }
+        )
+    else:
+        out.print(f"done: {result.steps} steps, loss {result.final_loss:.4f} (the last logged value)")
+        out.print(f"checkpoint: [bold]{result.checkpoint}[/]  metrics: {result.metrics}", soft_wrap=True)
+    faults = source.faults.summary()
+    if faults:  # a warning: stderr
+        console.print(faults, style="yellow", soft_wrap=True, markup=False)
 
 
 def signal_name(signum: int) -> str:
@@ -86,10 +110,15 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def _print_plan(recipe: Recipe, recipe_path: str, overrides: tuple[str, ...]) -> None:
+def _print_plan(recipe: Recipe, recipe_path: str, overrides: tuple[str, ...], as_json: bool = False) -> None:
     from pixart_cli.plan import describe_batch, describe_learning_rate, describe_model, describe_schedule, plan
 
     p = plan(recipe, recipe_path, overrides)
+    if as_json:
+        print_json({"recipe": recipe.name, "stage": recipe.stage, **dataclasses.asdict(p)})
+        for line in p.missing:
+            console.print(f"missing: {line}", style="yellow", soft_wrap=True, markup=False)
+        return
     unit = "process" if recipe.cluster.gpu.upper() == "CPU" else "GPU"
     table = Table(title=f"{recipe.name} (stage {recipe.stage})", show_header=False, box=None)
     rows = [

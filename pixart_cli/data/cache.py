@@ -1,6 +1,6 @@
 """The feature cache: caption features and image-latent posteriors extracted once, read memory-mapped in training.
 
-Running T5-XXL and the VAE inside the training step costs more than the transformer at 256 px (FACTS §8), so
+Running T5-XXL and the VAE inside the training step costs more than the transformer at 256 px (docs/reference.md §7), so
 ``prepare`` runs them once over a dataset and writes a *sharded* cache: a few large ``.npy`` files per shard rather
 than the official layout's two small files per image.
 

@@ -4,10 +4,10 @@ Both datasets expose ``bucket_of`` (the bucket of every item) and ``buckets`` so
 them with a ``BucketBatchSampler``. Items are dicts; ``collate`` stacks them.
 
 Latents are *not* sampled in the dataset: a cached item carries the posterior (mean, std), and the trainer draws
-``mean + std · ε`` per step with ``step_generator(seed, step)`` (FACTS §4: a fresh draw every time an item is
-read). Drawing in the training process, after the batch is on its device, keeps runs reproducible whatever the
-number of loader workers and avoids shipping random numbers between processes. ``collate`` can draw too, given
-a generator, for single-process use.
+``mean + std · ε`` per step with ``step_generator(seed, step)`` (a fresh draw every time an item is read, as in the
+official loader: docs/reference.md §4). Drawing in the training process, after the batch is on its device, keeps
+runs reproducible whatever the number of loader workers and avoids shipping random numbers between processes.
+``collate`` can draw too, given a generator, for single-process use.
 """
 
 from __future__ import annotations

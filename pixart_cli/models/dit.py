@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pixart_cli.models.layers import (
+    FAMILY_SIZES,
     Mlp,
     PatchEmbed,
     PredictionType,
@@ -26,7 +27,6 @@ from pixart_cli.models.layers import (
     sincos_pos_embed_2d,
     unpatchify,
 )
-from pixart_cli.models.pixart import _SIZES
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ DIT_VARIANTS: dict[str, DiTConfig] = {
     f"DiT-{size}/{patch}": DiTConfig(
         depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, variant=f"DiT-{size}/{patch}"
     )
-    for size, (depth, hidden, heads) in _SIZES.items()
+    for size, (depth, hidden, heads) in FAMILY_SIZES.items()
     for patch in (2, 4, 8)
 }
 

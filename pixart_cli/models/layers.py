@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The DiT model family, shared by DiT and PixArt: name → (depth, width, heads); each comes with patch sizes 2, 4, 8.
+FAMILY_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+
 FREQUENCY_EMBEDDING_SIZE = 256
 # On the CPU in bf16, attention written out as two matrix products and a float32 softmax beats SDPA's kernels up
 # to this many query × key positions (forward + backward, torch 2.13, 2 threads): 3.3× flash attention at 64 × 64

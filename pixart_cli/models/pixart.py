@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pixart_cli.models.layers import (
+    FAMILY_SIZES,
     FREQUENCY_EMBEDDING_SIZE,
     Mlp,
     PatchEmbed,
@@ -100,13 +101,11 @@ class PixArtConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
 
-# name → (depth, hidden, heads), the DiT family sizes; patch sizes 2, 4, 8 each.
-_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 PIXART_VARIANTS: dict[str, PixArtConfig] = {
     f"PixArt-{size}/{patch}": PixArtConfig(
         depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, variant=f"PixArt-{size}/{patch}"
     )
-    for size, (depth, hidden, heads) in _SIZES.items()
+    for size, (depth, hidden, heads) in FAMILY_SIZES.items()
     for patch in (2, 4, 8)
 }
 
@@ -120,7 +119,7 @@ def pixart_config(variant: str, **overrides: object) -> PixArtConfig:
 
 def heads_for_width(hidden_size: int) -> int | None:
     """Attention heads of the DiT/PixArt family member with this width (checkpoints do not store heads)."""
-    return {hidden: heads for _, hidden, heads in _SIZES.values()}.get(hidden_size)
+    return {hidden: heads for _, hidden, heads in FAMILY_SIZES.values()}.get(hidden_size)
 
 
 #################################################################################

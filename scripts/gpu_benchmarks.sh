@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# One lent-GPU session's work (device tool), inside one command of under ten minutes:
+# The project's GPU work on one GPU, inside one command of under ten minutes (DEADLINE seconds):
 #   1. generate and cache ShapesWorld scenes in the background, on spare cores at low priority;
 #   2. meanwhile, XL/2 train-step benchmarks against diffusers: BENCH=short (default: 256/512 px, ours vs diffusers,
 #      about a minute), BENCH=full (also torch.compile with a kernel profile, 1024 multi-scale and the ShapesWorld
-#      model's step: about four minutes; session 8 ran it), BENCH=none;
+#      model's step: about four minutes; measured on an H200 on 2026-11-27), BENCH=none;
 #   3. a ShapesWorld stage-2 restart from INIT (default: the shipped demo) with text encoder T5 (default
 #      builtin:shapes-t5) for the time left: a short probe run measures the images/s, which sets the step count so
 #      that the cosine decay ends inside the deadline.
-#      DEADLINE=555 SCENES=100000 BATCH=512 BENCH=short bash scripts/gpu_session.sh
-#      INIT=$PWD/.gl/ft-ema T5=builtin:shapes-t5-roles BENCH=none bash scripts/gpu_session.sh   # carry .gl/ft-ema
-# Expects wheels for packages the machine lacks in .whl/ (diffusers, importlib_metadata) and writes what should come
-# back to $OUT: bench.log, train.log, metrics.jsonl, and the EMA weights (fp16) of the last and the middle checkpoint.
+#      DEADLINE=555 SCENES=100000 BATCH=512 BENCH=short bash scripts/gpu_benchmarks.sh
+#      INIT=$PWD/.gl/ft-ema T5=builtin:shapes-t5-roles BENCH=none bash scripts/gpu_benchmarks.sh   # .gl/ft-ema: weights
+# Installs any wheels in .whl/ first (for a machine without network that lacks diffusers or importlib_metadata) and
+# writes its results to $OUT (default /tmp/out): bench.log, train.log, metrics.jsonl, and the EMA weights (fp16) of
+# the last and the middle checkpoint.
 set -u
 OUT=${OUT:-/tmp/out}
 REPO=$(pwd)
