@@ -234,3 +234,48 @@ def atomic_file(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+LOCK_FILE = ".pixart.lock"
+
+
+@contextlib.contextmanager
+def exclusive_output(directory: str | os.PathLike, command: str, label: str | None = None) -> Iterator[None]:
+    """Hold ``directory`` for one writer: a second ``pixart train``/``sample`` into it is refused, naming the holder.
+
+    An advisory ``flock`` on ``directory/.pixart.lock``: the kernel releases it when the holder exits, however it
+    exits (SIGKILL included), so a crashed run never leaves the folder stuck. The file records who holds it, for the
+    message. Creates ``directory`` (its parents too) when needed; ``label`` names it in errors (``output.dir``).
+    """
+    import fcntl
+    import json
+    import socket
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the lifetime of the lock
+    except OSError as exc:
+        raise PixartError(f"{label + ': ' if label else ''}cannot write to {directory} ({exc.strerror})") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            try:
+                holder = json.loads(handle.read() or "{}")
+            except ValueError:
+                holder = {}
+            who = f"pixart {holder.get('command', '?')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+            raise PixartError(
+                f"{directory} is in use by another {who}, since {holder.get('since', '?')}); wait for it to finish "
+                "or write elsewhere"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(json.dumps({"command": command, "pid": os.getpid(), "host": socket.gethostname(), "since": since}))
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock; the file stays (removing it would race with a waiting writer)

@@ -8,7 +8,9 @@ same validation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,3 +263,55 @@ def replace(recipe: Recipe, **sections: Any) -> Recipe:
     return dataclasses.replace(
         recipe, **{name: dataclasses.replace(getattr(recipe, name), **values) for name, values in sections.items()}
     )
+
+
+# -- resuming -----------------------------------------------------------------------------------------------------
+# What `--resume` may change, as dotted keys or sections: how long the run is (the lr schedule is re-evaluated for
+# the new train.steps), where and how often it saves, logs and samples, how data is loaded (not what), the cluster
+# the plan describes, and switches that trade memory or speed without changing the maths. Anything else changes what
+# is trained or the random streams, so the result would be neither the old run nor a new one.
+RESUME_MAY_CHANGE = (
+    "name", "description", "train.steps", "output", "log", "data.num_workers", "data.max_bad_fraction", "cluster",
+    "model.gradient_checkpointing", "model.compile", "train.nan_policy",
+)  # fmt: skip
+# Allowed, and said in a log line: the precision a machine supports differs, but the run is then no longer
+# bit-for-bit the uninterrupted one.
+RESUME_NOTED = ("train.mixed_precision", "train.tf32")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        flat.update(_flatten(value, name) if isinstance(value, dict) else {name: value})  # {}: no keys
+    return flat
+
+
+def _covered(key: str, names: tuple[str, ...]) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in names)
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    return value if isinstance(value, str) and value.strip() == value != "" else json.dumps(value, default=str)
+
+
+def resume_changes(saved: dict, resolved: dict) -> tuple[list[str], list[str]]:
+    """Differences between the resolved recipe a checkpoint was trained with and the one resuming it, as
+    ``"key: old → new"``: (refused, allowed but noted). Other allowed differences are not listed."""
+    with contextlib.suppress(ConfigError, TypeError, ValueError):  # fill in defaults the saved file may lack
+        saved = to_dict(recipe_from_dict(saved))
+    old, new = _flatten(saved), _flatten(resolved)
+    refused, noted = [], []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if before == after or _covered(key, RESUME_MAY_CHANGE):
+            continue
+        (noted if _covered(key, RESUME_NOTED) else refused).append(f"{key}: {_show(before)} → {_show(after)}")
+    return refused, noted

@@ -38,7 +38,7 @@ from torch import nn
 from pixart_cli.components import Autoencoder, _offline_hint, load_autoencoder, resolve_builtin
 from pixart_cli.convert import PIXART_SCHEDULER_CONFIG
 from pixart_cli.errors import PixartError
-from pixart_cli.io import atomic_file, png_is_complete, remove_stale_temporaries
+from pixart_cli.io import atomic_file, exclusive_output, png_is_complete, remove_stale_temporaries
 from pixart_cli.models import PixArtConfig
 from pixart_cli.models.layers import PredictionType
 from pixart_cli.text import Captions, TextEncoder
@@ -52,6 +52,8 @@ Conditioning = TypeVar("Conditioning", Captions, torch.Tensor)
 PromptCompletion = Callable[[str, int], str]  # (prompt, seed) -> the caption to encode
 
 DEFAULT_CFG = 4.5
+MAX_IMAGES = 1_000_000  # per run: the job list, the records and the resume scan are held in memory
+MAX_TOKEN_FACTOR = 16  # a sampled patch grid may hold 16× the model's trained one (4× each side of a square)
 
 #################################################################################
 #                                   Solvers                                     #
@@ -80,6 +82,8 @@ NOISE_SCHEDULE = {
     k: PIXART_SCHEDULER_CONFIG[k]
     for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
 }
+# One step per training timestep at most: DDIM and IDDPM cannot take more, the others would repeat timesteps.
+MAX_STEPS = NOISE_SCHEDULE["num_train_timesteps"]
 
 
 def check_sampler(sampler: str) -> SamplerSpec:
@@ -357,7 +361,37 @@ def resolve_size(config: PixArtConfig, downsample: int, height: int | None, widt
     if height % multiple or width % multiple:
         what = f"{downsample} (VAE) × {config.patch_size} (patch)" if downsample > 1 else "the patch size"
         raise PixartError(f"image size {width}×{height}: each side must be a multiple of {multiple} ({what})")
+    # Far beyond the trained grid a model draws nothing useful, and the tensors can outgrow any machine: refuse
+    # before anything is allocated (multi-scale models with buckets never get here, their buckets are smaller).
+    patches = (height // multiple) * (width // multiple)
+    limit = MAX_TOKEN_FACTOR * config.base_size**2
+    if patches > limit:
+        side = math.isqrt(limit) * multiple
+        raise PixartError(
+            f"image size {width}×{height} is {patches:,} patches, over this model's limit of {limit:,} "
+            f"({MAX_TOKEN_FACTOR} × its trained {config.base_size}×{config.base_size} grid; {side}×{side} for a square)"
+        )
     return height, width
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes ``device`` could give this process at most: a GPU's memory less what other processes hold, the
+    machine's RAM otherwise (the CPU; MPS shares it); None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device)  # what this process holds could be freed for sampling
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        return None
+
+
+def activation_bytes(config: PixArtConfig, height: int, width: int, downsample: int, rows: int, itemsize: int) -> int:
+    """A lower bound on one transformer forward's activations for ``rows`` images (2 per image with guidance):
+    the residual stream and the MLP's hidden tensor before and after GELU, which coexist in every block."""
+    multiple = downsample * config.patch_size
+    patches = (height // multiple) * (width // multiple)
+    return rows * patches * (config.hidden_size + 2 * config.mlp_hidden) * itemsize
 
 
 #################################################################################
@@ -450,11 +484,21 @@ def make_jobs(prompts: Sequence[str], num_images_per_prompt: int, seed: int) -> 
     """Image j of prompt i uses seed + j (prompts share seeds, so a seed gives comparable images across prompts)."""
     if not prompts:
         raise PixartError("no prompts given")
-    if num_images_per_prompt <= 0:
-        raise PixartError(f"number of images per prompt must be positive, got {num_images_per_prompt}")
+    check_image_count(len(prompts), num_images_per_prompt)
     if not -(2**63) <= seed <= 2**64 - num_images_per_prompt:  # what torch.Generator.manual_seed accepts
         raise PixartError(f"--seed must be in [-2^63, 2^64 - {num_images_per_prompt}], got {seed}")
     return [Job(i, p, seed + j) for i, p in enumerate(prompts) for j in range(num_images_per_prompt)]
+
+
+def check_image_count(prompts: int, num_images_per_prompt: int) -> None:
+    """Refuse a non-positive ``-n`` and runs of more than ``MAX_IMAGES`` images, before any list is built."""
+    if num_images_per_prompt <= 0:
+        raise PixartError(f"number of images per prompt must be positive, got {num_images_per_prompt}")
+    if prompts * num_images_per_prompt > MAX_IMAGES:
+        raise PixartError(
+            f"a run makes at most {MAX_IMAGES:,} images; {prompts:,} prompt(s) × {num_images_per_prompt:,} images "
+            f"is {prompts * num_images_per_prompt:,}"
+        )
 
 
 class Pipeline:
@@ -569,6 +613,19 @@ class Pipeline:
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         return resolve_size(self.config, self.autoencoder.downsample, height, width)
 
+    def check_memory(self, height: int, width: int, images: int, cfg: float) -> None:
+        """Refuse a batch of ``images`` at ``height``×``width`` whose activations cannot fit the sampling device."""
+        rows = images * (2 if cfg != 1.0 else 1)  # guidance runs the unconditional half in the same forward
+        itemsize = next(self.model.parameters()).element_size()
+        need = activation_bytes(self.config, height, width, self.autoencoder.downsample, rows, itemsize)
+        have = available_memory(self.device)
+        if have is not None and need > have:
+            raise PixartError(
+                f"a batch of {images:,} image(s) at {width}×{height} needs at least {need / 2**30:,.1f} GiB of "
+                f"activations, over the {have / 2**30:,.1f} GiB of memory on {self.device}; lower --batch-size "
+                "or the size"
+            )
+
     def caption(self, job: Job) -> str:
         """The text encoded for ``job``: its prompt, completed with the job's seed when the pipeline completes."""
         if self.prompt_completion is None:
@@ -639,10 +696,11 @@ class Pipeline:
         """
         spec = check_sampler(sampler)
         steps = spec.default_steps if steps is None else steps
-        _check_numbers(steps, cfg, batch_size)
+        check_numbers(steps, cfg, batch_size)
         h, w = self.image_size(height, width)
         if not jobs:
             return
+        self.check_memory(h, w, min(batch_size, len(jobs)), cfg)
         texts = {j: self.caption(j) for j in jobs}
         captions = self.encode(list(texts.values()))
         negative = None
@@ -720,9 +778,12 @@ def _report_steps(progress: Callable[[float], None], start: int, images: int, st
     progress(start + images * step / steps)
 
 
-def _check_numbers(steps: int, cfg: float, batch_size: int) -> None:
-    if steps <= 0:
+def check_numbers(steps: int | None, cfg: float, batch_size: int) -> None:
+    """Refuse out-of-range settings (``steps`` None: the sampler's default, always in range)."""
+    if steps is not None and steps <= 0:
         raise PixartError(f"--steps must be positive, got {steps}")
+    if steps is not None and steps > MAX_STEPS:
+        raise PixartError(f"--steps can be at most {MAX_STEPS} (the training schedule's timesteps), got {steps}")
     if not math.isfinite(cfg) or cfg < 0:
         raise PixartError(f"--cfg must be a non-negative number, got {cfg}")
     if batch_size <= 0:
@@ -774,28 +835,42 @@ def _save_png(image: Image.Image, path: Path, record: dict) -> None:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
-class _Manifest:
-    """Append-only JSONL, one record per image; a later line for the same file supersedes earlier ones."""
+def _read_manifest(path: Path) -> dict[str, dict]:
+    """The manifest's records by file name, in order; a later record for a file supersedes an earlier one, and
+    lines that are not records (one cut short by a kill) are dropped."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise PixartError(f"{path}: cannot read the manifest ({exc.strerror})") from None
+    found: dict[str, dict] = {}
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            name = record.get("file") if isinstance(record, dict) else None
+            if isinstance(name, str) and name == Path(name).name:  # an image of this directory
+                found[name] = record
+    return found
 
-    def __init__(self, path: Path) -> None:
+
+class _Manifest:
+    """JSONL, one record per finished image: rewritten at the start of a run, then appended to image by image."""
+
+    def __init__(self, path: Path, records: dict[str, dict]) -> None:
         self.path = path
-        self.files: set[str] = set()
-        if path.is_file():
-            text = path.read_text(encoding="utf-8", errors="replace")
-            for line in text.splitlines():
-                with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    self.files.add(json.loads(line)["file"])
-            self._needs_newline = bool(text) and not text.endswith("\n")  # a line cut short by a kill
-        else:
-            self._needs_newline = False
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values())
+        try:
+            current = path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            current = ""
+        if text != current:  # atomic: a kill leaves the old manifest or the new one
+            with atomic_file(path, overwrite=True) as tmp:
+                tmp.write_text(text, encoding="utf-8")
 
     def add(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            if self._needs_newline:
-                f.write("\n")
-                self._needs_newline = False
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.files.add(record["file"])
 
 
 def write_samples(
@@ -823,11 +898,12 @@ def write_samples(
     """
     spec = check_sampler(sampler)
     steps = spec.default_steps if steps is None else steps
-    _check_numbers(steps, cfg, batch_size)
+    check_numbers(steps, cfg, batch_size)
     jobs = make_jobs(prompts, num_images_per_prompt, seed)
     if grid and len(jobs) > MAX_GRID_IMAGES:
         raise PixartError(f"--grid is for at most {MAX_GRID_IMAGES} images, this run makes {len(jobs)}")
     h, w = pipeline.image_size(height, width)
+    pipeline.check_memory(h, w, min(batch_size, len(jobs)), cfg)
     settings = {
         "sampler": sampler,
         "steps": steps,
@@ -847,60 +923,70 @@ def write_samples(
     for job, record in records.items():  # what the model read, where prompt completion changed it
         if (text := pipeline.caption(job)) != job.prompt:
             record["caption"] = text
-    todo, skipped = [], []
-    for job in jobs:
-        path = out / image_name(job)
-        if not path.exists():
-            todo.append(job)
-            continue
-        found = _png_record(path)
-        if found == records[job]:
-            skipped.append(job)
-        elif found is None:
-            todo.append(job)  # not one of ours, or unreadable: replace it
-        else:
-            differ = sorted(k for k in records[job] if found.get(k) != records[job][k])
-            raise PixartError(
-                f"{path}: exists from a run with different settings ({', '.join(differ)}); use another output directory"
-            )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PixartError(f"{out}: cannot create the output directory ({exc.strerror})") from None
     if not os.access(out, os.W_OK):
         raise PixartError(f"{out}: output directory is not writable")
+    # One writer at a time (a second `pixart sample` into this folder is refused, naming the holder); the folder's
+    # state is read under the lock, so two runs never both decide to make the same image.
+    with exclusive_output(out, "sample"):
+        todo, skipped = [], []
+        for job in jobs:
+            path = out / image_name(job)
+            if not path.exists():
+                todo.append(job)
+                continue
+            found = _png_record(path)
+            if found == records[job]:
+                skipped.append(job)
+            elif found is None:
+                todo.append(job)  # not one of ours, or unreadable: replace it
+            else:
+                differ = sorted(k for k in records[job] if found.get(k) != records[job][k])
+                raise PixartError(
+                    f"{path}: exists from a run with different settings ({', '.join(differ)}); use another "
+                    "output directory"
+                )
+        # One record per finished image: an image made again loses its old record (it gets a new one when written),
+        # and one written by a run stopped before recording it gets its record now.
+        redo = {image_name(j) for j in todo}
+        kept = {
+            name: record
+            for name, record in _read_manifest(out / MANIFEST).items()
+            if name not in redo and png_is_complete(out / name)
+        }
+        kept.update({image_name(j): records[j] for j in skipped})
 
-    remove_stale_temporaries(out, {image_name(j) for j in todo})  # what a killed run was writing
-    manifest = _Manifest(out / MANIFEST)
-    report = SampleReport(out, manifest.path, (h, w), skipped=[out / image_name(j) for j in skipped])
-    for job in skipped:
-        if image_name(job) not in manifest.files:  # the run that made it was stopped before recording it
+        remove_stale_temporaries(out, redo | {MANIFEST})  # what a killed run was writing
+        manifest = _Manifest(out / MANIFEST, kept)
+        report = SampleReport(out, manifest.path, (h, w), skipped=[out / image_name(j) for j in skipped])
+
+        def advance(images: float) -> None:
+            if progress is not None:
+                progress(images, len(todo))
+
+        advance(0.0)
+        made = pipeline.generate(
+            todo,
+            sampler=sampler,
+            steps=steps,
+            cfg=cfg,
+            height=h,
+            width=w,
+            negative_prompt=negative_prompt,
+            batch_size=batch_size,
+            progress=advance,
+        )
+        for job, image in made:
+            path = out / image_name(job)
+            _save_png(image, path, records[job])
             manifest.add(records[job])
-
-    def advance(images: float) -> None:
-        if progress is not None:
-            progress(images, len(todo))
-
-    advance(0.0)
-    made = pipeline.generate(
-        todo,
-        sampler=sampler,
-        steps=steps,
-        cfg=cfg,
-        height=h,
-        width=w,
-        negative_prompt=negative_prompt,
-        batch_size=batch_size,
-        progress=advance,
-    )
-    for job, image in made:
-        path = out / image_name(job)
-        _save_png(image, path, records[job])
-        manifest.add(records[job])
-        report.written.append(path)
-    if grid:
-        report.grid = _write_grid([out / image_name(j) for j in jobs], num_images_per_prompt, out / GRID)
-    return report
+            report.written.append(path)
+        if grid:
+            report.grid = _write_grid([out / image_name(j) for j in jobs], num_images_per_prompt, out / GRID)
+        return report
 
 
 def _write_grid(paths: list[Path], columns: int, dst: Path) -> Path:

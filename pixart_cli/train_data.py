@@ -133,8 +133,10 @@ def batch_source(recipe: Recipe, accelerator: Any) -> LoaderBatches:
     )
     if isinstance(dataset, OnTheFlyDataset):  # what the data left out so far; decoding adds to it as it goes
         batches.faults.missing_captions = source.skipped_captions
+        batches.faults.unreadable.update({str(path): reason for path, reason in source.bad})  # caption not text
         batches.faults.unreadable.update({str(bad.path): bad.reason for bad in dataset.bad})
-        batches.max_unreadable = int(data.max_bad_fraction * len(source.records))
+        batches.max_unreadable = int(data.max_bad_fraction * (len(source.records) + len(source.bad)))
+        batches.check_faults()  # too many known already: stop before the first step
     return batches
 
 

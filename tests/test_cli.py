@@ -95,3 +95,15 @@ def test_overrides_go_through_the_validator():
         from_dict(Recipe, apply_overrides({}, ["optim.lrr=1"]))
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["optim.lr"])
+
+
+def test_the_command_line_starts_without_heavy_libraries():
+    """`pixart --help` and argument errors must answer at once: importing the CLI loads no torch, numpy, diffusers,
+    transformers or accelerate (each command imports what it needs when it runs)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "numpy", "diffusers", "transformers", "accelerate", "PIL")
+    code = f"import sys, pixart_cli.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", loaded

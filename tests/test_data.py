@@ -136,6 +136,69 @@ def test_missing_and_wrong_paths(tmp_path):
         read_source(tmp_path / "empty")
 
 
+def test_a_manifest_that_is_not_utf8_is_an_error_naming_the_line(tmp_path):
+    save_image(tmp_path / "a.png")
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_bytes(b'{"path": "a.png", "caption": "one"}\n\n{"path": "a.png", "caption": "caf\xe9"}\n')
+    with pytest.raises(PixartError, match=r"train\.jsonl:3: not UTF-8 text \(byte 0xe9 at column 34\)"):
+        read_source(manifest)
+    manifest.write_text('{"path": "a.png", "caption": "one"}\n'.encode("utf-16").decode("latin-1"), "latin-1")
+    with pytest.raises(PixartError, match=r"train\.jsonl:1: not UTF-8 text \(byte 0xff at column 1\)"):
+        read_source(manifest)
+    manifest.write_bytes(b'\xef\xbb\xbf{"path": "a.png", "caption": "caf\xc3\xa9"}\n')  # a UTF-8 byte order mark
+    assert [r.caption for r in read_source(manifest).records] == ["café"]
+    root = class_tree(tmp_path / "classes", per_class=1)
+    (root / "classes.txt").write_bytes(b"apple\nmang\xf3\nzebra\n")
+    with pytest.raises(PixartError, match=r"classes\.txt:2: not UTF-8 text \(byte 0xf3 at column 5\)"):
+        read_source(root, "classes")
+
+
+def test_captions_that_are_not_utf8_text_are_counted_with_the_unreadable_images(tmp_path):
+    root = caption_folder(tmp_path / "data", sizes=((32, 32),) * 6)
+    (root / "0" / "img0.txt").write_bytes("crème brûlée".encode("latin-1"))
+    (root / "1" / "img1.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (root / "0" / "img2.txt").write_bytes(b"a red\x01square")
+    (root / "1" / "img3.txt").write_bytes("\ufeffa small yellow star\r\n".encode())  # BOM and CRLF: text
+    source = read_source(root)
+    assert sorted(r.path.name for r in source.records) == ["img3.png", "img4.png", "img5.png"]
+    assert source.records[1].caption == "a small yellow star"
+    reasons = {path.name: reason for path, reason in source.bad}
+    assert reasons == {
+        "img0.png": "caption not UTF-8 text (img0.txt: byte 0xe8 at offset 2)",
+        "img1.png": "caption is binary (img1.txt: byte 0x00 at offset 8)",
+        "img2.png": "caption is binary (img2.txt: byte 0x01 at offset 5)",
+    }
+    assert source.missing_captions == 0  # a broken caption file is not a missing caption
+    for image in ("img3", "img4", "img5"):
+        (root / str(int(image[-1]) % 2) / f"{image}.txt").write_bytes(b"\x00\x01")
+    with pytest.raises(PixartError, match=r"none of the 6 images has a usable caption \(e\.g\. .*img0\.png"):
+        read_source(root)
+
+
+def test_symlink_loops_are_read_once_and_linked_in_folders_are_followed(tmp_path):
+    plain = caption_folder(tmp_path / "plain")
+    outside = caption_folder(tmp_path / "outside", sizes=((32, 32),))
+    looped = caption_folder(tmp_path / "looped")
+    (looped / "loop").symlink_to(".")  # up to 40 levels of looped/loop/loop/…: every image 41 times over
+    (looped / "0" / "again").symlink_to(".")  # nested: a loop inside every copy
+    expected = sorted((r.path.relative_to(plain), r.caption) for r in read_source(plain).records)
+    source = read_source(looped)
+    assert sorted((r.path.relative_to(looped), r.caption) for r in source.records) == expected
+    assert source.notes and "not read again" in source.notes[0]
+    (looped / "linked").symlink_to(outside / "0", target_is_directory=True)  # a dataset linked in: read
+    (looped / "linked-twice").symlink_to(outside / "0", target_is_directory=True)  # once, by its first path
+    (looped / "one.png").symlink_to(outside / "0" / "img0.png")
+    (looped / "one.txt").symlink_to(outside / "0" / "img0.txt")
+    names = sorted(str(r.path.relative_to(looped)) for r in read_source(looped).records)
+    assert names == sorted([str(p) for p, _ in expected] + ["linked/img0.png", "one.png"])
+    tree = class_tree(tmp_path / "classes", per_class=2)
+    (tree / "apple" / "loop").symlink_to(".")
+    (tree / "mango" / "deep").mkdir()
+    (tree / "mango" / "deep" / "top").symlink_to("../..")  # the root: the other classes are not read as mango
+    source = read_source(tree)
+    assert [r.label for r in source.records] == [0, 0, 1, 1, 2, 2] and source.class_names == ["apple", "mango", "zebra"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Transforms
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,3 +607,84 @@ def test_prepare_from_a_recipe_sizes_buckets_by_the_vaes_own_downsampling(tmp_pa
     settings = json.loads((tmp_path / "cache" / "index.json").read_text())["settings"]
     assert settings["bucket_multiple"] == 4 * 2  # XL/2: patch 2 of a 4× VAE's latent pixels
     assert CachedDataset(tmp_path / "cache")[0]["latent_mean"].shape == (4, 8, 8)
+
+
+def test_a_manifest_that_is_not_utf8_is_one_error_line_in_prepare_and_train(tmp_path):
+    save_image(tmp_path / "data" / "a.png", (32, 32))
+    manifest = tmp_path / "data" / "manifest.jsonl"
+    manifest.write_bytes(b'{"path": "a.png", "caption": "one"}\n{"path": "a.png", "caption": "caf\xe9"}\n')
+    args = [str(manifest), "-o", str(tmp_path / "cache"), "--vae", "none", "--workers", "0", "--device", "cpu"]
+    result = runner.invoke(app, ["prepare", *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: {manifest}:2: not UTF-8 text (byte 0xe9 at column 34); re-encode the manifest as UTF-8"
+    ], result.output
+    assert not (tmp_path / "cache").exists()
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "stage2.yaml"
+    overrides = [
+        f"data.path={manifest}", "data.cache=null", "data.vae=none", f"output.dir={tmp_path / 'run'}",
+        "cluster.nodes=1", "cluster.gpus_per_node=1", "train.mixed_precision=fp32", "model.init=null",
+        "data.num_workers=0",
+    ]  # fmt: skip
+    result = runner.invoke(app, ["train", str(recipe), *(a for o in overrides for a in ("--set", o))])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last == f"error: {manifest}:2: not UTF-8 text (byte 0xe9 at column 34); re-encode the manifest as UTF-8"
+    assert not (tmp_path / "run").exists()  # refused before training: no empty output.dir left behind
+
+
+def _binary_captions(root: Path) -> Path:
+    """Six captioned images, two of them with a caption file that is not text (Latin-1, binary)."""
+    caption_folder(root, sizes=((32, 32),) * 6)
+    (root / "0" / "img0.txt").write_bytes("crème brûlée".encode("latin-1"))
+    (root / "1" / "img1.txt").write_bytes(b"\x00\x01\x02\x03")
+    return root
+
+
+def test_prepare_counts_captions_that_are_not_text_as_unreadable_images(tmp_path, tiny_models):
+    data = _binary_captions(tmp_path / "data")
+    args = ["prepare", str(data), "--t5", tiny_models[0], "--vae", "none", "--resolution", "16", "--max-length", "8"]
+    args += ["--workers", "0", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "strict")])  # at most 1% by default
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: 2 of 6 images are unreadable, more than 1.0% (e.g. ") and "img0.png" in last, last
+    assert result.output.count("error:") == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "strict").exists()  # found before anything is written
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "cache"), "--max-bad-fraction", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "cached 4 of 6 images" in result.output and "2 unreadable image(s) skipped" in result.output
+    assert "caption not UTF-8 text (img0.txt: byte 0xe8 at offset 2)" in result.output
+    assert "caption is binary (img1.txt: byte 0x00 at offset 0)" in result.output
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert index["counts"]["bad_images"] == 2 and index["counts"]["items"] == 4
+    again = runner.invoke(app, [*args, "-o", str(tmp_path / "cache"), "--max-bad-fraction", "0.5"])
+    assert again.exit_code == 0 and "cached 4 of 6 images" in again.output, again.output  # complete: as it was
+
+
+def test_training_on_the_fly_counts_captions_that_are_not_text_as_unreadable_images(tmp_path, tiny_models):
+    from types import SimpleNamespace
+
+    from pixart_cli.recipe import load_recipe
+    from pixart_cli.train_data import batch_source
+
+    data = _binary_captions(tmp_path / "data")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "stage2.yaml"
+    model = "{depth: 1, hidden_size: 32, num_heads: 2, patch_size: 2, input_size: 16, in_channels: 3, max_length: 8}"
+    overrides = [
+        f"data.path={data}", "data.kind=captions", "data.cache=null", "data.vae=none",
+        f"data.text_encoder={tiny_models[0]}",
+        "data.resolution=16", "data.num_workers=0", f"model.config={model}", "model.init=null", "train.batch_size=2",
+    ]  # fmt: skip
+    accelerator = SimpleNamespace(
+        is_main_process=True, wait_for_everyone=lambda: None, device="cpu", num_processes=1, process_index=0
+    )
+    with pytest.raises(PixartError, match=r"2 images are unreadable, more than the 0 allowed .*img0\.png"):
+        batch_source(load_recipe(recipe, overrides)[0], accelerator)  # before the first step
+    batches = batch_source(load_recipe(recipe, [*overrides, "data.max_bad_fraction=0.5"])[0], accelerator)
+    assert len(batches.loader.dataset) == 4 and batches.max_unreadable == 3
+    assert {Path(p).name: reason.split(" (")[0] for p, reason in batches.faults.unreadable.items()} == {
+        "img0.png": "caption not UTF-8 text",
+        "img1.png": "caption is binary",
+    }
+    assert batches.faults.summary().startswith("data: 2 unreadable image(s) skipped (e.g. ")

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -442,6 +443,50 @@ def test_random_prepare_arguments(args, assets, tmp_path):
         code, _ = invoke(args, root, outputs=["cache", "data-cache", "missing-cache", "model-cache", "data/0-cache"])
         if code == 2:  # every image here is readable: an error is the input's, found before the first write
             assert snapshot(root) == before, args
+
+
+@FUZZ
+@given(garbage=st.binary(min_size=1, max_size=24), where=st.sampled_from(["manifest", "caption"]), loop=FLAG)
+def test_garbage_bytes_in_a_dataset_prepare_or_fail_with_one_line(garbage, where, loop, assets, tmp_path):
+    """Bytes that are not UTF-8 text in a manifest line (an error naming the line) or in a caption file (that
+    image skipped and counted), and a symlink loop in the folder (read once)."""
+    with workdir(tmp_path) as root:
+        place(assets, root, ("t5", "data"))
+        if loop:
+            (root / "data" / "loop").symlink_to(".")
+        if where == "manifest":
+            lines = [
+                json.dumps({"path": f"{k}.png", "caption": (root / "data" / f"{k}.txt").read_text()}) for k in range(4)
+            ]
+            garbage = garbage.replace(b"\n", b"")  # kept on line 3
+            body = "\n".join(lines).encode().replace(b"two green", b"two " + garbage + b" green")
+            (root / "data" / "manifest.jsonl").write_bytes(body + b"\n")
+            data = "data/manifest.jsonl"
+        else:
+            (root / "data" / "1.txt").write_bytes(garbage)
+            data = "data"
+        before = snapshot(root)
+        args = ["prepare", data, "-o", "cache", "--t5", "t5", "--vae", "none", "--resolution", "32", "--max-length"]
+        args += ["8", "--workers", "0", "--device", "cpu", "--max-bad-fraction", "0.5"]
+        code, output = invoke(args, root, outputs=["cache"])
+        if code == 2:  # nothing written
+            assert snapshot(root) == before, output
+        if where == "caption":  # never fatal: skipped and counted at worst
+            assert code == 0, output
+            assert re.search(r"cached [34] of [34] images", output), output  # 3 of 3: a blank caption
+        if not _is_utf8(garbage):
+            expected = "unreadable image(s) skipped" if where == "caption" else "manifest.jsonl:3: not UTF-8 text"
+            assert expected in output, output
+        elif where == "caption" and b"\x00" in garbage:
+            assert "caption is binary" in output, output
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 @FUZZ

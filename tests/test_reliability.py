@@ -559,3 +559,30 @@ def test_nan_policy_skip_skips_nan_and_inf_steps_and_finishes(world, tmp_path, m
             assert all(torch.equal(before[k], after[k]) for k in before), (skipped, name)
     # A skipped step still consumes its batch: the data order after it is that of a run without the fault.
     assert json.loads((result.checkpoint / "position.json").read_text())["images"] == 8 * 16
+
+
+def test_sample_manifest_keeps_one_record_per_image_after_a_kill_and_a_redone_image(tiny_model, tmp_path):
+    """A real kill -9 of ``pixart sample -n 16``, then a finished PNG cut short: the rerun makes that image again
+    and replaces its record instead of adding a second one (issue #24: 17 records for 16 images)."""
+    out = tmp_path / "samples"
+    args = ["sample", "a red circle", "-n", "16", "--model", str(tiny_model), "--steps", "40", "-b", "1"]
+    args += ["-o", str(out), "--device", "cpu"]
+    proc = start([sys.executable, "-m", "pixart_cli", *args], tmp_path)
+    assert wait_for(proc, lambda: len(list(out.glob("*.png"))) >= 4), proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 4 <= len(list(out.glob("*.png"))) < 16
+    manifest = out / "manifest.jsonl"
+    redone = out / "p00000-s0.png"  # the first image written: recorded before the second was begun
+    assert any(line.startswith('{"file": "p00000-s0.png"') for line in manifest.read_text().splitlines())
+    redone.write_bytes(redone.read_bytes()[: redone.stat().st_size // 2])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    names = sorted(f"p00000-s{seed}.png" for seed in range(16))
+    assert sorted(p.name for p in out.glob("*.png")) == names
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert sorted(r["file"] for r in records) == names  # 16 lines, one per image
+    for record in records:
+        assert png_is_complete(out / record["file"])
+        with Image.open(out / record["file"]) as image:
+            assert json.loads(image.info["pixart"]) == record

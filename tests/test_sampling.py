@@ -607,6 +607,10 @@ def _bad_inputs(models: dict[str, Path], tmp_path: Path, tiny_vae: Path) -> dict
         "missing prompts file": ([*model, "--prompts-file", str(tmp_path / "nope.txt")], "cannot read the prompts"),
         "unknown sampler": (["a cat", *model, "--sampler", "euler"], "unknown sampler 'euler'; choose one of"),
         "steps": (["a cat", *model, "--steps", "0"], "--steps must be positive"),
+        "too many steps": (["a cat", *model, "--steps", "1001"], "--steps can be at most 1000"),
+        "too many images": (["a cat", "a dog", *model, "-n", "600000"], "at most 1,000,000 images"),
+        "huge size": (["a cat", *model, "--width", "100000"], "is 39,062,500 patches, over this model's limit of 256"),
+        "huge height": (["a cat", *model, "--height", "4096", "--width", "64"], "limit of 256"),
         "images per prompt": (["a cat", *model, "-n", "0"], "images per prompt must be positive"),
         "batch size": (["a cat", *model, "--batch-size", "0"], "--batch-size must be positive"),
         "negative cfg": (["a cat", *model, "--cfg", "-1"], "--cfg must be a non-negative number"),
@@ -632,6 +636,10 @@ BAD_INPUTS = [
     "missing prompts file",
     "unknown sampler",
     "steps",
+    "too many steps",
+    "too many images",
+    "huge size",
+    "huge height",
     "images per prompt",
     "batch size",
     "negative cfg",
@@ -642,10 +650,15 @@ BAD_INPUTS = [
 ]
 
 
+def _no_sampling(*args, **kwargs):
+    raise AssertionError("sampling started: the input should have been refused")
+
+
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_cli_bad_input_fails_cleanly(case, models, tmp_path, tiny_vae, monkeypatch):
     if case == "no model":  # an installation without the bundled demo model
         monkeypatch.setattr("pixart_cli.sampling.default_model", lambda: None)
+    monkeypatch.setattr("pixart_cli.sampling.seeded_noise", _no_sampling)  # a bad input must not get that far
     args, message = _bad_inputs(models, tmp_path, tiny_vae)[case]
     out = tmp_path / "out"
     result = _sample(*args, "-o", str(out), env={"HF_HUB_OFFLINE": "1"})
@@ -654,3 +667,44 @@ def test_cli_bad_input_fails_cleanly(case, models, tmp_path, tiny_vae, monkeypat
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_cli_refuses_a_size_beyond_the_demo_model_before_creating_anything(tmp_path, monkeypatch):
+    """Issue #24: `pixart sample "a red circle" --width 100000` on the demo tried to allocate ~120 GB."""
+    monkeypatch.setattr("pixart_cli.sampling.seeded_noise", _no_sampling)
+    out = tmp_path / "x"
+    result = _sample("a red circle", "--width", "100000", "-o", str(out), "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: image size 100000×100000 is 625,000,000 patches, over this model's limit of 4,096 "
+        "(16 × its trained 16×16 grid; 256×256 for a square)"
+    ]
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_size_limit_is_relative_to_the_trained_grid():
+    """TINY samples 64 px (a 4×4 patch grid): up to 16× that many patches, in any aspect ratio."""
+    assert resolve_size(TINY, 8, 256, 256) == (256, 256)
+    assert resolve_size(TINY, 8, 64, 1024) == (64, 1024)
+    for height, width in ((272, 256), (64, 1040), (100000, 100000)):
+        with pytest.raises(PixartError, match="over this model's limit of 256"):
+            resolve_size(TINY, 8, height, width)
+    config = dataclasses.replace(TINY, hidden_size=48, input_size=128, multi_scale=True)  # buckets: always inside
+    assert resolve_size(config, 8, 100000, 10) == (2048, 512)
+
+
+def test_cli_refuses_a_batch_beyond_memory_before_creating_anything(models, tmp_path, monkeypatch):
+    """One batch's activations are checked against the device's memory: 2 images with guidance on TINY's 16
+    patches need at least 2 × 2 × 16 × (32 + 2 × 128) × 4 bytes = 73,728; one at a time, half."""
+    monkeypatch.setattr("pixart_cli.sampling.available_memory", lambda device: 50_000)
+    out = tmp_path / "out"
+    args = ["a cat", "--model", str(models["embedding"]), "-n", "2", "--steps", "2", "--device", "cpu", "-o", str(out)]
+    result = _sample(*args, "--batch-size", "2")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: a batch of 2 image(s) at 64×64 needs at least"), lines
+    assert "GiB of memory on cpu; lower --batch-size" in lines[0] and not out.exists()
+    result = _sample(*args, "--batch-size", "1")
+    assert result.exit_code == 0, result.output
+    assert "wrote 2 images" in result.stdout

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 
 from pixart_cli.checkpoint import checkpoint_dirs, load_checkpoint
 from pixart_cli.cli import app
+from pixart_cli.io import LOCK_FILE
 from pixart_cli.recipe import load_recipe
 from tests.utils import launch_report, run_launcher
 
@@ -462,7 +464,10 @@ def test_ema_warmup_forgets_the_initial_weights():
 
 
 @pytest.mark.slow  # ~30–55 s on a 2-core CPU: runs in CI with -m slow
-def test_compiled_blocks_train_and_save_plain_checkpoints(world, tmp_path):
+def test_compiled_blocks_train_and_save_plain_checkpoints(world, tmp_path, monkeypatch):
+    # A cache of its own: inductor's shared cache keys its CPU kernels without the ATen capability, so kernels built
+    # under ATEN_CPU_CAPABILITY=avx2 and run at AVX512 crashed the process (2026-12-07, torch 2.13).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *stage2_args(world, run, steps=2),
                                  "--set", "model.compile=true"])  # fmt: skip
@@ -735,3 +740,129 @@ def test_a_stop_between_log_lines_resumes_to_the_same_logged_losses(world, tmp_p
         a, b = (load_file(tmp_path / run_ / "checkpoints" / "step-0000012" / f"{name}.safetensors")
                 for run_ in ("full", "split"))  # fmt: skip
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+# -- resuming with another recipe, damaged checkpoints, nothing left to train --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def four_steps(world, tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4 (tests copy it before changing anything)."""
+    run = tmp_path_factory.mktemp("four") / "run"
+    result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *resume_args(world, run, steps=4)])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def resume_args(world: Path, out: Path, steps: int) -> list[str]:
+    saving = ["--set", "output.save_every=2", "--set", "output.keep_last=5"]
+    return [*stage2_args(world, out, steps=steps, batch=4), *saving]
+
+
+def snapshot(run: Path) -> dict[str, int]:
+    # The lock file is the one file every run touches: it names who holds the folder (pixart_cli.io.exclusive_output).
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in run.rglob("*") if p.name != LOCK_FILE}
+
+
+def test_resume_with_another_recipe_is_refused_naming_the_keys_and_writes_nothing(world, four_steps, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    before = snapshot(run)
+    stage2 = str(ROOT / "recipes" / "stage2.yaml")
+    args = ["train", stage2, *resume_args(world, run, steps=8), "--resume", "auto"]
+    changed = ["--set", "optim.lr=0.002", "--set", "train.batch_size=5", "--set", "train.seed=7"]
+    one_line_error(
+        runner.invoke(app, [*args, *changed]),
+        "optim.lr: 0.0005 → 0.002",
+        "train.batch_size: 4 → 5",
+        "train.seed: 43 → 7",
+        "step-0000004",
+    )
+    one_line_error(runner.invoke(app, [*args, "--set", "model.config.depth=3"]), "model.config.depth: 2 → 3")
+    older = str(run / "checkpoints" / "step-0000002")
+    explicit = ["train", stage2, *resume_args(world, run, steps=8), "--resume", older]
+    one_line_error(runner.invoke(app, [*explicit, "--set", "optim.decay=cosine"]), "optim.decay: none → cosine")
+    assert snapshot(run) == before
+
+
+def test_resume_changes_allow_length_saving_logging_and_precision_only():
+    from pixart_cli.recipe import resume_changes
+
+    stage2 = ROOT / "recipes" / "stage2.yaml"
+    _, saved = load_recipe(stage2)
+    allowed = ["train.steps=5", "output.dir=elsewhere", "output.keep_last=9", "log.every=1", "data.num_workers=0",
+               "data.max_bad_fraction=0.5", "cluster.nodes=2", "model.gradient_checkpointing=false",
+               "name=other"]  # fmt: skip
+    assert resume_changes(saved, load_recipe(stage2, allowed)[1]) == ([], [])
+    _, resolved = load_recipe(stage2, ["train.mixed_precision=fp32", "optim.betas=[0.9, 0.9]"])
+    assert resume_changes(saved, resolved) == (
+        ["optim.betas: [0.9, 0.999] → [0.9, 0.9]"],
+        ["train.mixed_precision: bf16 → fp32"],
+    )
+    old = {k: v for k, v in saved.items() if k != "log"}  # a recipe.yaml written before a section existed: defaults
+    assert resume_changes(old, saved) == ([], [])
+
+
+def test_resume_with_more_steps_follows_the_new_schedule_from_the_first_resumed_step(world, tmp_path):
+    """Linear decay, 5 warm-up steps: a 6-step run resumed with train.steps=10 equals a 10-step run (steps 1–6 have
+    the same lr in both; the optimiser of the step-6 checkpoint holds the 6-step schedule's final lr, 0)."""
+    stage2 = str(ROOT / "recipes" / "stage2.yaml")
+    decay = ["--set", "optim.decay=linear"]
+    assert runner.invoke(app, ["train", stage2, *stage2_args(world, tmp_path / "full", 10, 4), *decay]).exit_code == 0
+    split = stage2_args(world, tmp_path / "split", 6, 4) + decay
+    assert runner.invoke(app, ["train", stage2, *split]).exit_code == 0
+    result = runner.invoke(app, ["train", stage2, *split, "--set", "train.steps=10", "--resume", "auto"])
+    assert result.exit_code == 0, result.output
+    for name in ("model", "ema"):
+        a, b = (load_file(tmp_path / run / "checkpoints" / "step-0000010" / f"{name}.safetensors")
+                for run in ("full", "split"))  # fmt: skip
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    last = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1]) for run in ("full", "split")]
+    assert last[0]["lr"] == last[1]["lr"] == 0.0 and last[0]["loss"] != last[1]["loss"]  # windows of 5 and 4 steps
+
+
+@pytest.mark.parametrize("damage", ["model-cut-short", "state-garbage", "no-ema"])
+def test_resume_auto_falls_back_past_a_damaged_checkpoint_and_a_named_one_is_an_error(
+    world, four_steps, tmp_path, damage
+):
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    newest = run / "checkpoints" / "step-0000004"
+    if damage == "model-cut-short":
+        data = (newest / "model.safetensors").read_bytes()
+        (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
+        file = "model.safetensors"
+    elif damage == "state-garbage":
+        (newest / "training_state.pt").write_bytes(b"\x00garbage" * 100)
+        file = "training_state.pt"
+    else:
+        (newest / "ema.safetensors").unlink()
+        file = "ema.safetensors"
+    stage2 = str(ROOT / "recipes" / "stage2.yaml")
+    named = runner.invoke(app, ["train", stage2, *resume_args(world, run, steps=6), "--resume", str(newest)])
+    one_line_error(named, f"--resume {newest}: the checkpoint is damaged", file)
+    result = runner.invoke(app, ["train", stage2, *resume_args(world, run, steps=6), "--resume", "auto"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"step-0000004 is damaged ({newest / file}" in text and "resuming from" in text, text
+    assert f"resumed from {run / 'checkpoints' / 'step-0000002'} at step 2" in text
+    assert [s for s, _ in checkpoint_dirs(run)] == [2, 4, 6]  # step 4 made again, the damaged one kept aside
+    assert (run / "checkpoints" / "damaged-step-0000004" / "config.yaml").is_file()
+    assert load_checkpoint(run / "checkpoints" / "step-0000004").ema_state_dict is not None
+
+
+def test_resume_past_train_steps_is_refused_and_at_train_steps_has_nothing_to_do(world, four_steps, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    before = snapshot(run)
+    stage2 = str(ROOT / "recipes" / "stage2.yaml")
+    shorter = runner.invoke(app, ["train", stage2, *resume_args(world, run, steps=3), "--resume", "auto"])
+    one_line_error(shorter, "step-0000004 is at step 4, already past train.steps=3: nothing to train")
+    assert snapshot(run) == before
+    same = runner.invoke(app, ["train", stage2, *resume_args(world, run, steps=4), "--resume", "auto"])
+    assert same.exit_code == 0, same.output
+    assert "nothing to do: the run is already at train.steps (4)" in same.output and "nan" not in same.output
+    report = runner.invoke(app, ["train", stage2, *resume_args(world, run, steps=4), "--resume", "auto", "--json"])
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert json.loads(report.stdout.splitlines()[-1])["already_done"] is True
+    assert json.loads(report.stdout.splitlines()[-1])["final_loss"] == pytest.approx(last["loss"])

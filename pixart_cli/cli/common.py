@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import functools
 import json
 import logging
@@ -90,8 +91,21 @@ def print_json(data: dict[str, Any]) -> None:
 F = TypeVar("F", bound=Callable[..., object])
 
 
+# How a full disk shows itself: OSError ENOSPC/EDQUOT from Python, "os error 28" from safetensors (Rust), and from
+# torch.save only "unexpected pos N vs M" or "file write failed" (its zip writer loses the errno).
+_DISK_FULL_MESSAGES = ("No space left on device", "os error 28", "Disk quota exceeded", "unexpected pos",
+                       "file write failed")  # fmt: skip
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that failed for want of space."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(exc) for text in _DISK_FULL_MESSAGES)
+
+
 def fails_cleanly(func: F) -> F:
-    """Turn a PixartError into one red line on stderr and exit code 2 (no traceback)."""
+    """Turn a PixartError, or a disk that filled up, into one red line on stderr and exit code 2 (no traceback)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -103,6 +117,19 @@ def fails_cleanly(func: F) -> F:
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            from rich.markup import escape
+
+            detail = escape(str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__)
+            console.print(
+                f"[bold red]error:[/] the disk is full ({detail}). Nothing half-written was kept: checkpoints, "
+                "images and caches are written to temporaries and renamed, so everything completed before is "
+                "intact. Free some space and run the same command again (pixart train: with --resume auto).",
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 

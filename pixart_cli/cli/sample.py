@@ -150,10 +150,19 @@ def sample(
     Existing images made with the same settings are skipped, so an interrupted run can be resumed.
     """
     from pixart_cli.demo import SHAPES_DEMO, demo_warnings
-    from pixart_cli.sampling import Pipeline, check_sampler, default_model, write_samples
+    from pixart_cli.sampling import (
+        Pipeline,
+        check_image_count,
+        check_numbers,
+        check_sampler,
+        default_model,
+        write_samples,
+    )
 
     prompt_list = _read_prompts(prompts, prompts_file)
     check_sampler(sampler)
+    check_numbers(steps, cfg, batch_size)  # before the model loads; sizes are checked against it once it has
+    check_image_count(len(prompt_list), num_images)
     if size is not None and (height is not None or width is not None):
         raise PixartError("give --size or --height/--width, not both")
     if size is not None:

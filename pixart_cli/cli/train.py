@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import shlex
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -49,11 +52,33 @@ def train(
         _print_plan(recipe, str(recipe_path), overrides, as_json)
         return
 
-    from pixart_cli.train import Interrupted, ensure_output_dir, make_accelerator
+    from pixart_cli.errors import PixartError
+    from pixart_cli.io import LOCK_FILE, exclusive_output
+
+    # One run per output.dir: a second `pixart train` into it is refused, naming the holder (the main process of a
+    # launch holds it; the kernel frees it however the holder exits).
+    holder = int(os.environ.get("RANK", "0")) == 0
+    output = Path(recipe.output.dir)
+    created = not output.exists()
+    try:
+        with exclusive_output(output, "train", "output.dir") if holder else contextlib.nullcontext():
+            _train(recipe, resolved, str(recipe_path), overrides, resume, as_json)
+    except PixartError:
+        # Refused before training began (bad data, a refused resume): leave no empty folder behind.
+        if created and holder and output.is_dir() and {p.name for p in output.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
+def _train(
+    recipe: Recipe, resolved: dict, recipe_path: str, overrides: tuple[str, ...], resume: str | None, as_json: bool
+) -> None:
+    from pixart_cli.train import Interrupted, check_resume, ensure_output_dir, make_accelerator
     from pixart_cli.train import train as run_train
     from pixart_cli.train_data import batch_source, validation_sampler
 
     quiet_hub_libraries()
+    check_resume(recipe, resolved, resume)  # a refused resume writes nothing and reads no data
     ensure_output_dir(Path(recipe.output.dir), resume)  # before any data is read: a used folder is refused at once
     accelerator, precision = make_accelerator(recipe)
     main = accelerator.is_main_process
@@ -92,9 +117,16 @@ def train(
                 "steps": result.steps,
                 "final_loss": result.final_loss,
                 "metrics": result.metrics,
+                "already_done": result.already_done,
                 "unreadable_images": source.faults.unreadable,
                 "missing_captions": source.faults.missing_captions,
             }
+        )
+    elif result.already_done:
+        out.print(
+            f"nothing to do: the run is already at train.steps ({result.steps}); checkpoint: {result.checkpoint}",
+            soft_wrap=True,
+            markup=False,
         )
     else:
         out.print(f"done: {result.steps} steps, loss {result.final_loss:.4f} (the last logged value)")

@@ -254,6 +254,20 @@ def prepare(
     if storage_dtype not in STORAGE_DTYPES:
         raise PixartError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
     source = read_source(data, kind, keep_empty_captions=keep_empty_captions)
+    # Images whose caption file is not text count as unreadable images; known now, so too many is an error before
+    # anything is written.
+    source_bad = [BadImage(path, reason) for path, reason in source.bad]
+    total = len(source.records) + len(source_bad)
+    limit = max_bad_fraction * total
+
+    def check_bad(bad: list[BadImage]) -> None:
+        if len(bad) > limit:
+            raise PixartError(
+                f"{len(bad)} of {total} images are unreadable, more than {max_bad_fraction:.1%} "
+                f"(e.g. {bad[0].path}: {bad[0].reason}); fix the data or raise --max-bad-fraction"
+            )
+
+    check_bad(source_bad)
     captioned = source.conditioning == "caption"
     if captioned and t5 is None:
         raise PixartError(f"{source.path}: a captioned ({source.kind}) dataset needs a T5 text encoder (--t5)")
@@ -308,22 +322,14 @@ def prepare(
 
     plan = _load_or_make_plan(output, settings, source, buckets, shard_size, max_pixels)
     records, shards = source.records, plan["shards"]
-    header_bad = [BadImage(records[i].path, reason) for i, reason in plan["header_bad"]]
-    limit = max_bad_fraction * len(records)
-
-    def check_bad(bad: list[BadImage]) -> None:
-        if len(bad) > limit:
-            raise PixartError(
-                f"{len(bad)} of {len(records)} images are unreadable, more than {max_bad_fraction:.1%} "
-                f"(e.g. {bad[0].path}: {bad[0].reason}); fix the data or raise --max-bad-fraction"
-            )
+    known_bad = source_bad + [BadImage(records[i].path, reason) for i, reason in plan["header_bad"]]
 
     # Tally shards finished by an earlier run.
     shard_root = output / SHARDS
     for path in remove_stale_temporaries(shard_root):
         logger.info("removed a half-written shard left by an interrupted run: %s", path.name)
     done = [s for s in range(len(shards)) if (shard_root / _shard_name(s)).is_dir()]
-    bad = list(header_bad)
+    bad = list(known_bad)
     items = 0
     for s in done:
         meta = _read_json(shard_root / _shard_name(s) / "meta.json")
@@ -333,7 +339,7 @@ def prepare(
     pending = sorted(set(range(len(shards))) - set(done))
     if done:
         logger.info("%s: resuming, %d of %d shards already done", output, len(done), len(shards))
-    items_total = sum(len(s["records"]) for s in shards) + len(header_bad)
+    items_total = sum(len(s["records"]) for s in shards) + len(known_bad)
 
     def report_progress() -> None:
         if progress is not None:
@@ -386,7 +392,7 @@ def prepare(
                 pending.remove(s)
                 report_progress()
 
-    index = _make_index(settings, source, buckets, encoder, shards, output, header_bad)
+    index = _make_index(settings, source, buckets, encoder, shards, output, known_bad)
     _write_json(index_path, index)
     return _report_from_index(output, index, source, time.perf_counter() - start_time, resumed=len(done))
 
@@ -502,9 +508,10 @@ def _make_index(
     encoder: Autoencoder,
     shards: list[dict[str, Any]],
     output: Path,
-    header_bad: list[BadImage],
+    known_bad: list[BadImage],
 ) -> dict[str, Any]:
-    shard_entries, bad, bucket_counts = [], [[str(b.path), b.reason] for b in header_bad], [0] * len(buckets)
+    """``known_bad``: images found unusable before decoding (caption file not text, header unreadable)."""
+    shard_entries, bad, bucket_counts = [], [[str(b.path), b.reason] for b in known_bad], [0] * len(buckets)
     caption_channels = None
     for s, shard in enumerate(shards):
         directory = output / SHARDS / _shard_name(s)
@@ -533,7 +540,7 @@ def _make_index(
         "latent_std": encoder.stochastic,
         "storage_dtype": settings["storage_dtype"],
         "counts": {
-            "records": len(source.records),
+            "records": len(source.records) + len(source.bad),  # the images considered, those skipped included
             "items": sum(e["count"] for e in shard_entries),
             "bad_images": len(bad),
             "missing_captions": source.missing_captions,

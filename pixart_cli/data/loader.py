@@ -328,6 +328,15 @@ class LoaderBatches:
         """Batches per epoch."""
         return len(self.loader.batch_sampler)
 
+    def check_faults(self) -> None:
+        """Stop once more distinct images are unreadable than ``max_unreadable``."""
+        if self.max_unreadable is not None and len(self.faults.unreadable) > self.max_unreadable:
+            path, reason = next(iter(self.faults.unreadable.items()))
+            raise PixartError(
+                f"{len(self.faults.unreadable)} images are unreadable, more than the {self.max_unreadable} allowed "
+                f"(data.max_bad_fraction; e.g. {path}: {reason}); fix the data or raise data.max_bad_fraction"
+            )
+
     def iterate(self, epoch: int, start: int, device: torch.device | str) -> Iterator[tuple[int, int, dict]]:
         device = torch.device(device)
         sampler: BucketBatchSampler = self.loader.batch_sampler
@@ -341,12 +350,7 @@ class LoaderBatches:
         generator = step_generator(self.seed, self.rank, epoch, index, device=device)
         for unreadable in batch.pop("unreadable", ()):
             self.faults.unreadable.update(unreadable)
-        if self.max_unreadable is not None and len(self.faults.unreadable) > self.max_unreadable:
-            path, reason = next(iter(self.faults.unreadable.items()))
-            raise PixartError(
-                f"{len(self.faults.unreadable)} images are unreadable, more than the {self.max_unreadable} allowed "
-                f"(data.max_bad_fraction; e.g. {path}: {reason}); fix the data or raise data.max_bad_fraction"
-            )
+        self.check_faults()
         if "pixels" in batch:
             if self.autoencoder is None:
                 raise ValueError("an on-the-fly dataset needs an autoencoder to make x0")
