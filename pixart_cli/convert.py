@@ -580,6 +580,10 @@ def convert(
     in what a source does not record (heads: official weights of a non-family width; caption length: diffusers).
     """
     fmt = detect_format(src)
+    if Path(dst).resolve() == Path(src).resolve() or Path(dst).resolve() == Path(latest_in_run(src)).resolve():
+        # Writing over the source would replace it with what the target format keeps, and drop the rest (a
+        # training checkpoint's optimiser state and recipe, a run's other checkpoints).
+        raise PixartError(f"-o {dst}: that is the checkpoint being converted; write the conversion elsewhere")
     checkpoint = read_any(src, num_heads, max_length)
     if dtype is not None:
         checkpoint = checkpoint.to_dtype(dtype)

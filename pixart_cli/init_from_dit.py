@@ -56,6 +56,8 @@ def read_dit(path: str | Path, num_heads: int | None = None) -> tuple[StateDict,
         ckpt = load_checkpoint(path)
         if not isinstance(ckpt.config, DiTConfig):
             raise PixartError(f"{path}: a PixArt checkpoint, not a DiT one")
+        if num_heads is not None and num_heads != ckpt.config.num_heads:
+            raise PixartError(f"--num-heads {num_heads}: {path} records {ckpt.config.num_heads} heads (leave it out)")
         check_dit_pos_embed(ckpt.weights(), ckpt.config, str(path))
         return ckpt.weights(), ckpt.config
     obj = load_torch_file(path)

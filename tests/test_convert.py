@@ -271,3 +271,15 @@ def test_per_block_adaln_round_trips_ours_and_is_refused_elsewhere(tmp_path):
         result = cli("convert", src, "-o", out, "--to", target)
         assert result.exit_code == 2 and "adaLN" in result.output, result.output
         assert not out.exists()
+
+
+def test_converting_a_checkpoint_onto_itself_is_refused_and_keeps_it(tmp_path):
+    """`convert CK -o CK --overwrite` would replace a training checkpoint with what the target keeps (no optimiser
+    state, no recipe): refused, and the checkpoint is untouched."""
+    src, _ = make_checkpoint(tmp_path, ema=True)
+    (src / "training_state.pt").write_bytes(b"state")  # what only a training checkpoint has
+    before = sorted(p.name for p in src.iterdir())
+    for target in ("pixart", "diffusers"):
+        result = runner.invoke(app, ["convert", str(src), "-o", str(src), "--to", target, "--overwrite"])
+        assert result.exit_code == 2 and "that is the checkpoint being converted" in result.output, result.output
+    assert sorted(p.name for p in src.iterdir()) == before

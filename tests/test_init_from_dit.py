@@ -142,3 +142,10 @@ def test_licence_note_only_for_files_in_dits_formats(tmp_path):
         result = runner.invoke(app, ["init-from-dit", src, "-o", str(tmp_path / f"out{i}"), *common])
         assert result.exit_code == 0, result.output
         assert ("CC-BY-NC" in result.output) == noted, (src, result.output)
+
+
+def test_num_heads_that_contradicts_the_checkpoint_is_refused(tmp_path):
+    """Our DiT checkpoints record their heads: a different --num-heads is a contradiction, not silently ignored."""
+    result = runner.invoke(app, ["init-from-dit", "builtin:shapes-dit", "-o", str(tmp_path / "px"), "--num-heads", "7"])
+    assert result.exit_code == 2 and "--num-heads 7" in result.output and "records 4 heads" in result.output
+    assert not (tmp_path / "px").exists()

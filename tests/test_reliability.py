@@ -586,3 +586,40 @@ def test_sample_manifest_keeps_one_record_per_image_after_a_kill_and_a_redone_im
         assert png_is_complete(out / record["file"])
         with Image.open(out / record["file"]) as image:
             assert json.loads(image.info["pixart"]) == record
+
+
+@pytest.mark.parametrize("command", ["eval-compbench", "eval-fid"])
+def test_eval_killed_mid_generation_resumes_without_redoing_finished_images(tiny_model, tmp_path, command):
+    """A real `pixart eval-*` process killed with SIGKILL while it generates: the rerun keeps every image finished
+    before the kill (same file, same mtime), makes the rest, and ends with every image complete and a report."""
+    out = tmp_path / "out"
+    if command == "eval-compbench":
+        args = ["eval-compbench", "--bench", "shapes", "--model", str(tiny_model), "--limit", "12"]
+        args += ["--images-per-prompt", "2", "--steps", "60", "-o", str(out), "--device", "cpu"]
+        images, total = out / "shapes" / "samples", 24
+    else:
+        import warnings
+
+        coco = _write_coco(tmp_path / "coco", n=24)
+        inception = tmp_path / "inception.pt"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(torch.jit.script(_MeanColour()), str(inception))
+        args = ["eval-fid", "--coco", "val2014", "--coco-root", str(coco), "--model", str(tiny_model), "--num", "24"]
+        args += ["--inception", str(inception), "--no-cache", "--size", "32", "--steps", "60", "-o", str(out)]
+        args += ["--device", "cpu", "--batch-size", "1"]
+        images, total = out / "images", 24
+    proc = start([sys.executable, "-m", "pixart_cli", *args], tmp_path)
+    caught = wait_for(proc, lambda: len(list(images.glob("*.png"))) >= 3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert caught, "the run ended before it could be killed"
+    finished = sorted(p for p in images.glob("*.png") if png_is_complete(p))
+    before = stamps(finished)
+    assert 3 <= len(finished) < total
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    made = sorted(images.glob("*.png"))
+    assert len(made) == total and all(png_is_complete(p) for p in made)
+    assert stamps(before) == before  # nothing finished before the kill was made again
+    assert not [p for p in images.iterdir() if p.name.startswith(".")]  # no temporaries left

@@ -681,6 +681,7 @@ def test_cli_refuses_a_size_beyond_the_demo_model_before_creating_anything(tmp_p
         "(16 × its trained 16×16 grid; 256×256 for a square)"
     ]
     assert "Traceback" not in result.output and not out.exists()
+    assert result.stderr.strip().splitlines() == errors  # the only line: not even the prompt-completion note
 
 
 def test_size_limit_is_relative_to_the_trained_grid():

@@ -184,6 +184,10 @@ def sample(
                 model, t5=t5, vae=vae, device=torch_device, dtype=dtype.torch if dtype else None, offload=offload,
                 complete_prompts=complete_prompts,
             )  # fmt: skip
+        # Sizes and memory are checked against the model before anything else is said (write_samples checks them
+        # again): a refused run prints one error line.
+        h, w = pipeline.image_size(height, width)
+        pipeline.check_memory(h, w, min(batch_size, len(prompt_list) * num_images), cfg)
         _show_completion(pipeline, prompt_list, num_images, seed)
         with _progress_bar() as progress:
             report = write_samples(
