@@ -163,8 +163,7 @@ def describe_precision(recipe: Recipe) -> str:
     requested = recipe.train.mixed_precision
     if recipe.cluster.gpu.upper() == "CPU":
         choice = choose_precision(requested, "cpu")
-        text = choice.describe().removeprefix("precision: ")
-        return text + (f"; warning: {choice.warning}" if choice.warning else "")
+        return choice.describe() + (f"; warning: {choice.warning}" if choice.warning else "")
     if requested == "auto":
         return "auto (bf16 on GPUs that compute it, else fp16)"
     return requested

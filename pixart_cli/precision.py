@@ -54,9 +54,10 @@ class PrecisionChoice:
         return "no" if self.precision == "fp32" else self.precision
 
     def describe(self) -> str:
+        """What runs and why, e.g. "fp32 (auto: this CPU: AVX2, no native bf16)"."""
         if self.requested == "auto":
-            return f"precision: {self.precision} (auto: {self.reason})"
-        return f"precision: {self.precision} ({self.reason})"
+            return f"{self.precision} (auto: {self.reason})"
+        return f"{self.precision} ({self.reason})"
 
 
 def choose_precision(requested: str, device_type: str) -> PrecisionChoice:

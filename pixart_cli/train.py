@@ -85,7 +85,8 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to {checkpoint}")
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signal_name} at step {step}; checkpoint saved to {checkpoint}")
 
     @property
     def exit_code(self) -> int:

@@ -87,7 +87,7 @@ def _train(
         with library_logging():
             source = batch_source(recipe, accelerator)  # data errors surface before the progress bar starts
             if main:  # after the input checks: a bad input's output is one error line
-                console.print(precision.describe(), style="dim", soft_wrap=True)
+                console.print(f"precision: {precision.describe()}", style="dim", soft_wrap=True)
                 if precision.warning:
                     console.print(f"warning: {precision.warning}", style="yellow", soft_wrap=True)
             with progress:
@@ -104,7 +104,7 @@ def _train(
     except Interrupted as stop:
         if main:
             again = shlex.join(["pixart", "train", str(recipe_path), *(f"--set={o}" for o in overrides)])
-            where = f"stopped at step {stop.step} ({signal_name(stop.signum)}); checkpoint: {stop.checkpoint}"
+            where = f"stopped at step {stop.step} ({stop.signal_name}); checkpoint: {stop.checkpoint}"
             console.print(where, soft_wrap=True, markup=False)
             console.print(f"continue with: {again} --resume auto", soft_wrap=True, markup=False)
         raise typer.Exit(stop.exit_code) from None
@@ -134,12 +134,6 @@ def _train(
     faults = source.faults.summary()
     if faults:  # a warning: stderr
         console.print(faults, style="yellow", soft_wrap=True, markup=False)
-
-
-def signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
 
 
 def _print_plan(recipe: Recipe, recipe_path: str, overrides: tuple[str, ...], as_json: bool = False) -> None:
