@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pixart_cli.data.shapes import render, sample_scene
 from pixart_cli.evaluation.fid import FeatureExtractor, crop_transform, image_features, load_inception
 from pixart_cli.precision import describe_device
+from pixart_cli.shapesworld.world import render, sample_scene
 
 
 class RandomConvFeatures(nn.Module):

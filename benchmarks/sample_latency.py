@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
-from pixart_cli.convert import read_any, write_diffusers
+from pixart_cli.checkpoints.convert import read_any, write_diffusers
 from pixart_cli.models import PixArtConfig
 from pixart_cli.precision import describe_device
-from pixart_cli.recipe import load_recipe
-from pixart_cli.sampling import Pipeline, make_scheduler, seeded_noise
+from pixart_cli.sampling.guidance import seeded_noise
+from pixart_cli.sampling.pipeline import Pipeline
+from pixart_cli.sampling.solvers import make_scheduler
 from pixart_cli.tiny import make_tiny_pixart, make_tiny_t5, make_tiny_vae
+from pixart_cli.training.recipe import load_recipe
 
 # The model of the ShapesWorld CPU recipes, from the recipe itself.
 SHAPES_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "shapes" / "stage2.yaml"

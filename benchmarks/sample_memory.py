@@ -33,11 +33,12 @@ import psutil
 import torch
 
 from pixart_cli import sampling
-from pixart_cli.components import VAE
+from pixart_cli.components.autoencoders import VAE
+from pixart_cli.components.text import TextEncoder
 from pixart_cli.models import build_pixart, pixart_config
 from pixart_cli.precision import describe_device
-from pixart_cli.sampling import Job, Pipeline, sample_latents
-from pixart_cli.text import TextEncoder
+from pixart_cli.sampling.guidance import sample_latents
+from pixart_cli.sampling.pipeline import Job, Pipeline
 from pixart_cli.tiny import train_tokenizer
 
 GB = 1024**3

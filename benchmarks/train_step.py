@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from pixart_cli.convert import diffusers_transformer_config, ours_to_diffusers
+from pixart_cli.checkpoints.convert import diffusers_transformer_config, ours_to_diffusers
 from pixart_cli.models import PixArtConfig, build_pixart, pixart_config
 from pixart_cli.precision import describe_device
-from pixart_cli.recipe import load_recipe
+from pixart_cli.training.recipe import load_recipe
 
 # The model of the ShapesWorld CPU recipes, from the recipe itself.
 SHAPES_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "shapes" / "stage2.yaml"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pixart_cli.checkpoint import Checkpoint, CheckpointMeta, build_model, save_checkpoint
+from pixart_cli.checkpoints.format import Checkpoint, CheckpointMeta, build_model, save_checkpoint
 from pixart_cli.models import PixArtConfig
 
 # T5's special ids: transformers' T5 expects pad 0 and eos 1, and T5 has no bos token.

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pixart_cli.checkpoint import Checkpoint, latest_in_run, load_checkpoint, save_checkpoint
-from pixart_cli.components import ASSETS
+from pixart_cli.checkpoints.format import Checkpoint, latest_in_run, load_checkpoint, save_checkpoint
+from pixart_cli.components.resolve import ASSETS
 from pixart_cli.models import DiTConfig, PixArtConfig
 
 BUDGET_MB = 30.0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pixart_cli.checkpoint import checkpoint_dirs
+from pixart_cli.checkpoints.format import checkpoint_dirs
 from pixart_cli.io import png_is_complete
 
 ROOT = Path(__file__).resolve().parents[1]

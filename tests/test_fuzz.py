@@ -526,8 +526,8 @@ class _Evals:
 
 
 def _official(assets: Path) -> dict:
-    from pixart_cli.checkpoint import load_checkpoint
-    from pixart_cli.convert import ours_to_official
+    from pixart_cli.checkpoints.convert import ours_to_official
+    from pixart_cli.checkpoints.format import load_checkpoint
 
     checkpoint = load_checkpoint(assets / "model")
     return {"state_dict": ours_to_official(checkpoint.state_dict, checkpoint.config)}
@@ -596,8 +596,8 @@ def make_broken(kind: str, detail: object, assets: Path, root: Path) -> str:
             torch.save({"state_dict": sd}, path)
         return "ckpt.pth"
     if kind.startswith("diffusers"):
-        from pixart_cli.checkpoint import load_checkpoint
-        from pixart_cli.convert import write_diffusers
+        from pixart_cli.checkpoints.convert import write_diffusers
+        from pixart_cli.checkpoints.format import load_checkpoint
 
         write_diffusers(load_checkpoint(assets / "model"), root / "hf")
         config_file = root / "hf" / "config.json"

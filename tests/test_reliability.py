@@ -27,11 +27,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pixart_cli.checkpoint import checkpoint_dirs, load_checkpoint
+from pixart_cli.checkpoints.format import checkpoint_dirs, load_checkpoint
 from pixart_cli.cli import app
 from pixart_cli.data.loader import CachedDataset
 from pixart_cli.io import FAULT_POINT_VARIABLE, png_is_complete
-from tests.test_train import stage2_args
+from tests.training.test_train import stage2_args
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE2 = str(ROOT / "recipes" / "stage2.yaml")
@@ -52,7 +52,9 @@ def one_thread():
 def world(tmp_path_factory) -> Path:
     """ShapesWorld captions, a tiny T5 trained on them and a prepared pixel-space feature cache."""
     from pixart_cli.data.cache import prepare
-    from pixart_cli.data.shapes import caption, sample_scene, write_dataset
+    from pixart_cli.shapesworld.dataset import write_dataset
+    from pixart_cli.shapesworld.prompts import caption
+    from pixart_cli.shapesworld.world import sample_scene
     from pixart_cli.tiny import make_tiny_t5
 
     root = tmp_path_factory.mktemp("world")
@@ -347,7 +349,7 @@ def test_interrupted_eval_compbench_shapes_resumes(tiny_model, tmp_path):
 
 def _write_coco(root: Path, n: int = 10) -> Path:
     """A COCO-format caption set: ``annotations/captions_val2014.json`` and JPEGs under ``val2014/``."""
-    from pixart_cli.data.shapes import render, sample_scene
+    from pixart_cli.shapesworld.world import render, sample_scene
 
     (root / "val2014").mkdir(parents=True)
     (root / "annotations").mkdir()
@@ -401,7 +403,8 @@ def faulty_dataset(root: Path) -> Path:
     grayscale, RGBA (transparent: composited on white), 16-bit (mid-grey: scaled, not clipped to white). Without a
     caption (skipped and counted): no .txt, and a blank .txt.
     """
-    from pixart_cli.data.shapes import caption, render, sample_scene
+    from pixart_cli.shapesworld.prompts import caption
+    from pixart_cli.shapesworld.world import render, sample_scene
 
     root.mkdir(parents=True)
     for k in range(12):
@@ -477,7 +480,7 @@ def test_training_on_the_fly_skips_counts_and_reports_data_faults(world, tmp_pat
 
 
 def _recipe(world: Path, run: Path, steps: int, *extra: str):
-    from pixart_cli.recipe import load_recipe
+    from pixart_cli.training.recipe import load_recipe
 
     args = [*stage2_args(world, run, steps=steps), "--set", "output.save_every=4", *extra]
     return load_recipe(STAGE2, [v for flag, v in zip(args[::2], args[1::2], strict=True) if flag == "--set"])
@@ -518,8 +521,8 @@ def poison(monkeypatch, faults: dict[int, str]) -> None:
 def _train(recipe, resolved):
     from accelerate import Accelerator
 
-    from pixart_cli.train import train
-    from pixart_cli.train_data import batch_source
+    from pixart_cli.training.batches import batch_source
+    from pixart_cli.training.loop import train
 
     accelerator = Accelerator(cpu=True)
     return train(recipe, resolved, batch_source(recipe, accelerator), accelerator=accelerator)
@@ -528,7 +531,7 @@ def _train(recipe, resolved):
 def test_infinite_gradients_with_a_finite_loss_stop_the_run_with_the_last_checkpoint_intact(
     world, tmp_path, monkeypatch
 ):
-    from pixart_cli.train import TrainingDiverged
+    from pixart_cli.training.loop import TrainingDiverged
 
     recipe, resolved = _recipe(world, tmp_path / "run", 10)
     poison(monkeypatch, {6: "inf"})

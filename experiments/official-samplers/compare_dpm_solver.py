@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from pixart_cli.checkpoint import build_model
+from pixart_cli.checkpoints.format import build_model
+from pixart_cli.components.text import Captions
 from pixart_cli.models import PixArtConfig
-from pixart_cli.sampling import sample_latents
-from pixart_cli.text import Captions
+from pixart_cli.sampling.guidance import sample_latents
 
 
 def load_official_solver(repo: Path):

@@ -1,11 +1,12 @@
 """The ``pixart`` command line: each command parses, validates, prints with rich and calls one library function.
 
-Commands live one module per topic and register themselves on the shared Typer ``app`` when imported here.
+Commands live one module per command and register themselves on the shared Typer ``app`` when imported here.
 """
 
 from pixart_cli.cli import (
-    convert,  # noqa: F401  (registers convert, init-from-dit)
+    convert,  # noqa: F401
     evaluate,  # noqa: F401  (registers eval-fid, eval-compbench)
+    init_from_dit,  # noqa: F401
     prepare,  # noqa: F401
     sample,  # noqa: F401
     selfcheck,  # noqa: F401

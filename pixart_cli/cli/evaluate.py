@@ -90,7 +90,7 @@ def _generation(
     model: str | None, t5: str | None, vae: str | None, sampler: str, steps: int | None, cfg: float, dtype, batch: int
 ) -> dict:
     """The generation settings recorded beside the images (resuming with other settings is refused)."""
-    from pixart_cli.sampling import check_sampler
+    from pixart_cli.sampling.solvers import check_sampler
 
     spec = check_sampler(sampler)
     if batch <= 0:
@@ -114,7 +114,7 @@ def _maker(model: str | None, settings: dict, device, dtype, batch_size: int, t5
     if model is None:
         return None
     from pixart_cli.evaluation.generate import pipeline_maker
-    from pixart_cli.sampling import Pipeline
+    from pixart_cli.sampling.pipeline import Pipeline
 
     def load():
         with console.status(f"loading {model}"):
@@ -250,7 +250,7 @@ def eval_fid(
                 workers=workers, device=torch_device, progress=progress,
             )  # fmt: skip
         else:
-            from pixart_cli.evaluation.compbench import ClipScorer
+            from pixart_cli.evaluation.t2i_compbench.scorers import ClipScorer
 
             generation = _generation(model, t5, vae, sampler, steps, cfg, dtype, batch_size)
             maker = _maker(model, generation, torch_device, dtype, batch_size, t5, vae)
@@ -361,7 +361,18 @@ def eval_compbench(
 
     Without --model the images already in the output are scored. Evaluator weights come from local directories.
     """
-    from pixart_cli.evaluation import compbench as cb
+    from pixart_cli.evaluation.t2i_compbench.bench import evaluate_compbench
+    from pixart_cli.evaluation.t2i_compbench.layout import FLAGS
+    from pixart_cli.evaluation.t2i_compbench.scorers import (
+        BlipVqaScorer,
+        ClipScorer,
+        DetectorScorer,
+        Scorers,
+        VqaScoreSubprocess,
+        check_categories,
+        required,
+    )
+    from pixart_cli.shapesworld.bench import evaluate_shapes
 
     torch_device, shard = _device_and_shard(device)
     if (height is None) != (width is None):
@@ -371,7 +382,7 @@ def eval_compbench(
     if complete_prompts and bench is not Bench.shapes:
         raise PixartError("--complete-prompts is for --bench shapes (it words prompts as ShapesWorld captions)")
     if complete_prompts and model is not None:
-        from pixart_cli.sampling import check_prompt_completion
+        from pixart_cli.sampling.pipeline import check_prompt_completion
 
         check_prompt_completion(model, t5)  # before anything is written
     generation = _generation(model, t5, vae, sampler, steps, cfg, dtype, batch_size)
@@ -383,7 +394,7 @@ def eval_compbench(
     quiet_hub_libraries()
     with library_logging(), _progress(shard.is_main) as progress:
         if bench is Bench.shapes:
-            report = cb.evaluate_shapes(
+            report = evaluate_shapes(
                 output, maker, generation=generation, num_prompts=limit or 100, images_per_prompt=images_per_prompt,
                 seed=seed, aspect=width / height if width and height else 1.0, prompt_style=prompt_style.value,
                 shard=shard, progress=progress,
@@ -391,38 +402,36 @@ def eval_compbench(
         else:
             if prompts is None:
                 raise PixartError("pass --prompts (T2I-CompBench's examples/dataset directory), or --bench shapes")
-            wanted = cb.check_categories([c.strip() for c in categories.split(",") if c.strip()])
+            wanted = check_categories([c.strip() for c in categories.split(",") if c.strip()])
             given = {"blip": blip, "clip": clip, "detector": detector, "vqascore": vqascore_python}
-            lacking = sorted(n for n in cb.required(wanted, scorer.value) if given[n] is None)
+            lacking = sorted(n for n in required(wanted, scorer.value) if given[n] is None)
             if lacking:
                 raise PixartError(
                     f"scoring {', '.join(wanted)} with --scorer {scorer.value} needs "
-                    + ", ".join(f"{cb.FLAGS[n]} DIR" for n in lacking)
+                    + ", ".join(f"{FLAGS[n]} DIR" for n in lacking)
                 )
-            needed = cb.required(wanted, scorer.value)
+            needed = required(wanted, scorer.value)
             for name in needed - {"vqascore"}:  # fail before generating, not after
                 if not (given[name] / "config.json").is_file():
-                    raise PixartError(f"{cb.FLAGS[name]} {given[name]}: not a model directory (no config.json)")
+                    raise PixartError(f"{FLAGS[name]} {given[name]}: not a model directory (no config.json)")
 
-            def load_scorers() -> cb.Scorers:
+            def load_scorers() -> Scorers:
                 with console.status("loading the evaluators"):
-                    found = cb.Scorers(
-                        blip=cb.BlipVqaScorer.from_pretrained(blip, device=torch_device) if "blip" in needed else None,
-                        clip=cb.ClipScorer.from_pretrained(clip, device=torch_device) if "clip" in needed else None,
-                        detector=cb.DetectorScorer.from_pretrained(
+                    found = Scorers(
+                        blip=BlipVqaScorer.from_pretrained(blip, device=torch_device) if "blip" in needed else None,
+                        clip=ClipScorer.from_pretrained(clip, device=torch_device) if "clip" in needed else None,
+                        detector=DetectorScorer.from_pretrained(
                             detector, threshold=detector_threshold, device=torch_device
                         )
                         if "detector" in needed
                         else None,
-                        vqascore=cb.VqaScoreSubprocess(vqascore_python, vqascore_model)
-                        if "vqascore" in needed
-                        else None,
+                        vqascore=VqaScoreSubprocess(vqascore_python, vqascore_model) if "vqascore" in needed else None,
                     )
                     if found.vqascore is not None:
                         found.vqascore.check()
                 return found
 
-            report = cb.evaluate_compbench(
+            report = evaluate_compbench(
                 prompts, output, maker, load_scorers, generation=generation, categories=wanted,
                 images_per_prompt=images_per_prompt, seed=seed, limit=limit, scorer=scorer.value, shard=shard,
                 progress=progress,

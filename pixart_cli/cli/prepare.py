@@ -99,10 +99,10 @@ def prepare(
     if not is_recipe and not data.exists():  # the positional argument first, then the options, as they are read
         raise PixartError(f"{data}: no such dataset file or directory")
     if is_recipe:
-        from pixart_cli.components import load_autoencoder
+        from pixart_cli.components.autoencoders import load_autoencoder
         from pixart_cli.models import DiTConfig
-        from pixart_cli.recipe import load_recipe
-        from pixart_cli.train_data import ensure_shapes_dataset
+        from pixart_cli.training.batches import ensure_shapes_dataset
+        from pixart_cli.training.recipe import load_recipe
 
         recipe, _ = load_recipe(data, tuple(overrides or ()))
         config = recipe.model_config()

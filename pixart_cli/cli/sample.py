@@ -76,7 +76,7 @@ def _progress_bar() -> Iterator[Callable[[float, int], None]]:
 
 def _show_completion(pipeline, prompts: list[str], num_images: int, seed: int) -> None:
     """Say what the model will read where prompt completion rewords a prompt (the first image's wording)."""
-    from pixart_cli.sampling import make_jobs
+    from pixart_cli.sampling.pipeline import make_jobs
 
     changed = [
         (job.prompt, text) for job in make_jobs(prompts, 1, seed) if (text := pipeline.caption(job)) != job.prompt
@@ -149,15 +149,10 @@ def sample(
 
     Existing images made with the same settings are skipped, so an interrupted run can be resumed.
     """
-    from pixart_cli.demo import SHAPES_DEMO, demo_warnings
-    from pixart_cli.sampling import (
-        Pipeline,
-        check_image_count,
-        check_numbers,
-        check_sampler,
-        default_model,
-        write_samples,
-    )
+    from pixart_cli.sampling.pipeline import Pipeline, check_image_count, check_numbers, default_model
+    from pixart_cli.sampling.solvers import check_sampler
+    from pixart_cli.sampling.writer import write_samples
+    from pixart_cli.shapesworld.demo import SHAPES_DEMO, demo_warnings
 
     prompt_list = _read_prompts(prompts, prompts_file)
     check_sampler(sampler)

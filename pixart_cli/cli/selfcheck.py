@@ -11,7 +11,7 @@ from pixart_cli.cli.common import JsonOpt, app, console, fails_cleanly, out, pri
 @fails_cleanly
 def selfcheck(as_json: JsonOpt = False) -> None:
     """Check the install offline: tiny random models through init-from-dit and diffusers conversion parity."""
-    from pixart_cli.selfcheck import run_selfcheck
+    from pixart_cli.checkpoints.selfcheck import run_selfcheck
 
     def show(result) -> None:  # each check as it finishes: progress, on stderr
         mark = "[green]ok[/]" if result.ok else "[red]FAILED[/]"

@@ -25,7 +25,7 @@ from pixart_cli.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from pixart_cli.recipe import Recipe
+    from pixart_cli.training.recipe import Recipe
 
 
 @app.command()
@@ -44,7 +44,7 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train one stage described by a recipe (runs unchanged under `accelerate launch` and `torchrun`)."""
-    from pixart_cli.recipe import load_recipe
+    from pixart_cli.training.recipe import load_recipe
 
     overrides = tuple(overrides or ())
     recipe, resolved = load_recipe(recipe_path, overrides)
@@ -73,9 +73,10 @@ def train(
 def _train(
     recipe: Recipe, resolved: dict, recipe_path: str, overrides: tuple[str, ...], resume: str | None, as_json: bool
 ) -> None:
-    from pixart_cli.train import Interrupted, check_resume, ensure_output_dir, make_accelerator
-    from pixart_cli.train import train as run_train
-    from pixart_cli.train_data import batch_source, validation_sampler
+    from pixart_cli.training.batches import batch_source, validation_sampler
+    from pixart_cli.training.loop import Interrupted, ensure_output_dir, make_accelerator
+    from pixart_cli.training.loop import train as run_train
+    from pixart_cli.training.resume import check_resume
 
     quiet_hub_libraries()
     check_resume(recipe, resolved, resume)  # a refused resume writes nothing and reads no data
@@ -137,7 +138,7 @@ def _train(
 
 
 def _print_plan(recipe: Recipe, recipe_path: str, overrides: tuple[str, ...], as_json: bool = False) -> None:
-    from pixart_cli.plan import describe_batch, describe_learning_rate, describe_model, describe_schedule, plan
+    from pixart_cli.training.plan import describe_batch, describe_learning_rate, describe_model, describe_schedule, plan
 
     p = plan(recipe, recipe_path, overrides)
     if as_json:

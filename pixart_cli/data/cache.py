@@ -47,7 +47,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pixart_cli.components import BUILTIN, Autoencoder, load_autoencoder, resolve_builtin
+from pixart_cli.components.autoencoders import Autoencoder, load_autoencoder
+from pixart_cli.components.resolve import BUILTIN, resolve_builtin
 from pixart_cli.data.buckets import Buckets, assign_buckets
 from pixart_cli.data.sources import Record, Source, SourceKind, read_source
 from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, Resample, load_pixels
@@ -409,7 +410,7 @@ def _diff(old: dict | None, new: dict) -> str:
 
 
 def _text_encoder(t5, max_length: int, dtype, device, clean: bool):
-    from pixart_cli.text import TextEncoder
+    from pixart_cli.components.text import TextEncoder
 
     if isinstance(t5, TextEncoder):
         if t5.max_length != max_length:

@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pixart_cli.components import Autoencoder, draw_latents
+from pixart_cli.components.autoencoders import Autoencoder, draw_latents
+from pixart_cli.components.text import trim_padding
 from pixart_cli.data.buckets import BucketBatchSampler, Buckets, assign_buckets
 from pixart_cli.data.cache import FORMAT, INDEX, PLAN, SHARDS, VERSION
 from pixart_cli.data.sources import Record, Source
 from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, Resample, load_pixels
 from pixart_cli.errors import PixartError
-from pixart_cli.text import trim_padding
 
 logger = logging.getLogger(__name__)
 

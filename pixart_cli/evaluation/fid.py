@@ -55,7 +55,7 @@ from pixart_cli.evaluation.generate import GenItem, ImageMaker, Shard, generate_
 from pixart_cli.io import atomic_file
 
 if TYPE_CHECKING:
-    from pixart_cli.evaluation.compbench import ClipScorer
+    from pixart_cli.evaluation.t2i_compbench.scorers import ClipScorer
 
 logger = logging.getLogger(__name__)
 

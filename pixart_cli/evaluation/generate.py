@@ -214,7 +214,7 @@ def pipeline_maker(
 
     ``load_pipeline`` is called once, on the first call, so a finished (resumed) run never loads the model.
     """
-    from pixart_cli.sampling import Job
+    from pixart_cli.sampling.pipeline import Job
 
     loaded: list = []
 

@@ -1,0 +1,180 @@
+"""Glue between a recipe and the trainer: the batch source and the validation sampler.
+
+The batch source reads the feature cache (`pixart prepare`) when ``data.cache`` holds one, and otherwise decodes
+and encodes images on the fly with the same encoders. Both give the same batches layout (see
+``train.BatchSource``); each process reads its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pixart_cli.data.buckets import Buckets
+from pixart_cli.data.cache import INDEX, same_component
+from pixart_cli.data.loader import CachedDataset, LoaderBatches, OnTheFlyDataset, make_loader
+from pixart_cli.data.sources import read_source
+from pixart_cli.errors import PixartError
+from pixart_cli.models import DiTConfig
+from pixart_cli.training.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_shapes_dataset(recipe: Recipe) -> None:
+    """Generate the ShapesWorld dataset a recipe asks for (``data.shapes``) on first use."""
+    spec = recipe.data.shapes
+    if spec is None or recipe.data.path is None:
+        return
+    from pixart_cli.shapesworld.dataset import check_dataset_args, write_dataset
+
+    path = Path(recipe.data.path)
+    target = path.parent if path.suffix == ".jsonl" else path
+    if target.exists() and any(target.iterdir()):
+        return
+    allowed = {"n", "resolution", "seed", "caption_style", "fmt", "split", "objects", "workers"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise PixartError(
+            f"data.shapes.{sorted(unknown)[0]}: unknown key (expected one of: {', '.join(sorted(allowed))})"
+        )
+    try:  # before the log line and before anything is written: a bad value is one error line
+        arguments = inspect.signature(write_dataset).bind(target, **spec)
+        arguments.apply_defaults()
+        check_dataset_args(*(arguments.arguments[k] for k in ("n", "resolution", "caption_style", "fmt", "objects")))
+    except (ValueError, TypeError) as exc:
+        raise PixartError(f"data.shapes: {exc}") from None
+    logger.info("generating ShapesWorld data in %s", target)
+    write_dataset(target, **spec)
+
+
+def _check_cache(index: dict, recipe: Recipe, cache: Path) -> None:
+    config = recipe.model_config()
+    problems = []
+    if isinstance(config, DiTConfig):
+        if index.get("conditioning") != "label":
+            problems.append("stage 1 needs a class-labelled cache")
+    else:
+        if index.get("conditioning") != "caption":
+            problems.append(f"stage {recipe.stage} needs captions, the cache has class labels")
+        if index.get("caption_channels") not in (None, config.caption_channels):
+            problems.append(
+                f"caption features are {index['caption_channels']} wide, the model takes {config.caption_channels}"
+            )
+        if index.get("max_length") not in (None, config.max_length):
+            problems.append(f"captions are {index['max_length']} tokens, the model takes {config.max_length}")
+        # Features of another encoder would train the model on the wrong inputs without a sound.
+        if not same_component(index.get("text_encoder"), recipe.data.text_encoder):
+            problems.append(
+                f"its captions were encoded by {index['text_encoder']}, data.text_encoder is "
+                f"{recipe.data.text_encoder} (prepare another cache, or name that encoder)"
+            )
+    if not same_component(index.get("vae"), recipe.data.vae):
+        problems.append(f"it was encoded by the VAE {index['vae']}, data.vae is {recipe.data.vae}")
+    if index.get("latent_channels") not in (None, config.in_channels):
+        problems.append(f"latents have {index['latent_channels']} channels, the model takes {config.in_channels}")
+    if problems:
+        raise PixartError(f"data.cache: {cache} does not fit the recipe ({'; '.join(problems)})")
+
+
+def batch_source(recipe: Recipe, accelerator: Any) -> LoaderBatches:
+    """This process's bucketed, resumable batches for ``recipe``."""
+    data = recipe.data
+    config = recipe.model_config()
+    if accelerator.is_main_process:  # one writer; the others wait, then read the finished dataset
+        ensure_shapes_dataset(recipe)
+    accelerator.wait_for_everyone()
+    autoencoder = text_encoder = None
+    cache = Path(data.cache) if data.cache else None
+    if cache is not None and (cache / INDEX).is_file():
+        dataset = CachedDataset(cache)
+        _check_cache(dataset.info, recipe, cache)
+        logger.info("data: %d cached items from %s", len(dataset), cache)
+    else:
+        if data.path is None:
+            raise PixartError("data.path: no dataset given (and no feature cache at data.cache)")
+        from pixart_cli.components.autoencoders import load_autoencoder
+
+        source = read_source(data.path, data.kind)
+        autoencoder = load_autoencoder(data.vae, device=accelerator.device)
+        multiple = autoencoder.downsample * config.patch_size
+        dataset = OnTheFlyDataset(source.records, Buckets.for_resolution(data.resolution, data.multi_scale, multiple))
+        if not isinstance(config, DiTConfig):
+            if not data.text_encoder:
+                raise PixartError("data.text_encoder: a PixArt stage needs a T5 text encoder")
+            from pixart_cli.components.text import TextEncoder
+
+            text_encoder = TextEncoder(data.text_encoder, max_length=config.max_length, device=accelerator.device)
+        logger.info("data: %d images from %s, encoded on the fly", len(dataset), data.path)
+    if len(dataset) < recipe.train.batch_size * accelerator.num_processes:
+        raise PixartError(
+            f"data: {len(dataset)} items cannot fill one global batch of "
+            f"{recipe.train.batch_size * accelerator.num_processes}"
+        )
+    loader = make_loader(
+        dataset,
+        recipe.train.batch_size,
+        seed=recipe.train.seed,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        num_workers=data.num_workers,
+    )
+    batches = LoaderBatches(
+        loader,
+        seed=recipe.train.seed,
+        rank=accelerator.process_index,
+        autoencoder=autoencoder,
+        text_encoder=text_encoder,
+    )
+    if isinstance(dataset, OnTheFlyDataset):  # what the data left out so far; decoding adds to it as it goes
+        batches.faults.missing_captions = source.skipped_captions
+        batches.faults.unreadable.update({str(path): reason for path, reason in source.bad})  # caption not text
+        batches.faults.unreadable.update({str(bad.path): bad.reason for bad in dataset.bad})
+        batches.max_unreadable = int(data.max_bad_fraction * (len(source.records) + len(source.bad)))
+        batches.check_faults()  # too many known already: stop before the first step
+    return batches
+
+
+def validation_sampler(recipe: Recipe) -> Callable[[nn.Module, int], None] | None:
+    """A function that writes a grid of ``log.sample_prompts`` with the EMA model (None when not configured)."""
+    if not recipe.log.sample_every or not recipe.log.sample_prompts or recipe.model.architecture != "PixArt":
+        return None
+    from pixart_cli.components.autoencoders import load_autoencoder
+    from pixart_cli.components.text import TextEncoder
+    from pixart_cli.sampling.pipeline import Pipeline, make_jobs
+
+    state: dict[str, Any] = {}
+    out_dir = Path(recipe.output.dir) / "samples"
+
+    def sample(model: nn.Module, step: int) -> None:
+        device = next(model.parameters()).device
+        if not state:
+            state["text"] = TextEncoder(recipe.data.text_encoder, max_length=model.config.max_length, device=device)
+            state["autoencoder"] = load_autoencoder(recipe.data.vae, device=device)
+        pipeline = Pipeline(model, state["text"], state["autoencoder"], device=device, name=f"step {step}")
+        jobs = make_jobs(list(recipe.log.sample_prompts), 1, recipe.train.seed)
+        images = [
+            image for _, image in pipeline.generate(jobs, steps=recipe.log.sample_steps, cfg=recipe.log.sample_cfg)
+        ]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        grid(images).save(out_dir / f"step-{step:07d}.png")
+
+    return sample
+
+
+def grid(images: list, columns: int | None = None):
+    """Images side by side (rows of ``columns``)."""
+    from PIL import Image
+
+    columns = columns or len(images)
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        canvas.paste(image, ((i % columns) * w, (i // columns) * h))
+    return canvas

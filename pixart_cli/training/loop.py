@@ -1,0 +1,426 @@
+"""The training loop of all three stages, on accelerate (one CPU process, one GPU, or many nodes).
+
+Stage 1 trains the class-conditional DiT; stages 2 and 3 train PixArt from the previous stage's checkpoint.
+Everything that is random is a pure function of (seed, rank, step): the data order of an epoch, the timesteps,
+the noise, caption dropout and the latent posterior samples. A resumed run therefore needs only the weights,
+the EMA, the optimiser/scheduler state and the data position to continue exactly as if never stopped.
+
+Checkpoints are our checkpoint directories (``pixart sample --model`` reads them directly) plus the training
+state::
+
+    <output.dir>/checkpoints/step-0001000/
+        config.yaml  model.safetensors  ema.safetensors   # the model, as everywhere else
+        recipe.yaml                                       # the resolved recipe that produced it
+        training_state.pt                                 # optimiser, LR schedule, data position (tensors only)
+
+Each is written to a hidden temporary directory and renamed into place, so a killed job never leaves a partial
+checkpoint where ``--resume auto`` would look (the next run deletes the hidden leftover); only the last
+``output.keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from pixart_cli.checkpoints.format import (
+    CHECKPOINTS,
+    build_model,
+    checkpoint_dirs,
+)
+from pixart_cli.data.loader import step_generator
+from pixart_cli.diffusion import GaussianDiffusion
+from pixart_cli.errors import PixartError
+from pixart_cli.io import remove_stale_temporaries
+from pixart_cli.precision import PrecisionChoice, choose_precision
+from pixart_cli.training.ema import EMA
+from pixart_cli.training.recipe import (
+    OptimSection,
+    Recipe,
+    TrainSection,
+)
+from pixart_cli.training.resume import Position, check_resume, resume_training, save_training_checkpoint
+from pixart_cli.training.setup import build_training_model
+
+logger = logging.getLogger(__name__)
+
+
+METRICS_FILE = "metrics.jsonl"
+NUM_TIMESTEPS = 1000
+
+
+# Keys of the step generators (seed, rank, step, micro-batch, stream): distinct from the data loader's draws.
+_TRAIN_STREAM = 1
+
+
+class TrainingDiverged(PixartError):
+    """The loss or the gradients became NaN/inf."""
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT: a checkpoint was saved and the run stopped (not a user error: the CLI says how to go on)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signal_name} at step {step}; checkpoint saved to {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + its number (130 SIGINT, 143 SIGTERM)."""
+        return 128 + self.signum
+
+
+class BatchSource(Protocol):
+    """Per-process micro-batches in a deterministic order, resumable from a position.
+
+    Each batch is a dict with ``x0`` (B, C, H, W) (latents sampled from the posterior, or pixels) and either
+    ``caption`` (B, L, D) + ``caption_mask`` (B, L) or ``label`` (B,); multi-scale batches add ``resolution``
+    (B, 2) and ``aspect_ratio`` (B, 1). ``iterate`` yields (epoch, index of the next batch in that epoch, batch).
+    """
+
+    def iterate(self, epoch: int, start: int, device: torch.device) -> Iterator[tuple[int, int, dict]]: ...
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    steps: int
+    final_loss: float  # the last logged loss: the mean over its log window, as in metrics.jsonl and the bar
+    metrics: Path
+    already_done: bool = False  # resumed at train.steps: nothing was left to train
+
+
+def lr_multiplier(optim: OptimSection, total_steps: int) -> Callable[[int], float]:
+    """The lr of optimiser step ``step`` (0-based) as a fraction of the peak: linear warm-up, then ``optim.decay``."""
+    warmup, final = optim.warmup_steps, optim.final_lr_fraction
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if optim.decay == "none" or total_steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / (total_steps - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.decay == "cosine" else 1 - progress
+        return final + (1 - final) * shape
+
+    return multiplier
+
+
+def make_accelerator(recipe: Recipe) -> tuple[Any, PrecisionChoice]:
+    """The run's Accelerator, with ``train.mixed_precision`` resolved for this machine (``auto``: bf16 only where
+    it is native)."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    choice = choose_precision(recipe.train.mixed_precision, "cuda" if cuda else "cpu")
+    return Accelerator(mixed_precision=choice.accelerate, cpu=not cuda), choice
+
+
+def ensure_output_dir(output: Path, resume: str | None = None) -> None:
+    """Create ``output.dir`` and prove it writable now, not at the first checkpoint hours later.
+
+    A folder that already holds checkpoints is refused unless the run resumes: a fresh run there would mix its
+    checkpoints and metrics with the old run's.
+    """
+    found = checkpoint_dirs(output) if output.is_dir() else []
+    if found and resume is None:
+        raise PixartError(
+            f"output.dir: {output} already holds checkpoints of a run (latest: {found[-1][1].name}); continue it "
+            "with --resume auto, or start a new run elsewhere with --set output.dir=NEW_DIR"
+        )
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        # a name of its own: every rank of a launch runs this at once, and a shared name races (touch, unlink, unlink)
+        with tempfile.NamedTemporaryFile(dir=output, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise PixartError(f"output.dir: cannot write to {output} ({exc.strerror})") from None
+
+
+def _forward(model: nn.Module, batch: dict, x_t: torch.Tensor, t: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    if "label" in batch:
+        return model(x_t, t, batch["label"], drop_label=drop)
+    return model(
+        x_t,
+        t,
+        batch["caption"],
+        batch.get("caption_mask"),
+        drop_caption=drop,
+        resolution=batch.get("resolution"),
+        aspect_ratio=batch.get("aspect_ratio"),
+    )
+
+
+class _StopFlag:
+    """Records SIGTERM/SIGINT so the loop can save a checkpoint at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(
+    recipe: Recipe,
+    resolved: dict,
+    batches: BatchSource,
+    *,
+    resume: str | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    on_sample: Callable[[nn.Module, int], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    accelerator: Any = None,
+) -> TrainResult:
+    """Run (or continue) the training described by ``recipe``; returns the last checkpoint.
+
+    ``batches`` supplies per-process micro-batches (see :class:`BatchSource`); ``on_log`` receives metric dicts
+    (main process); ``on_step`` the number of optimiser steps done, once at the start and after every step (main
+    process); ``on_sample`` is called with the EMA model every ``log.sample_every`` steps.
+    """
+    acc = accelerator or make_accelerator(recipe)[0]
+    torch.backends.cuda.matmul.allow_tf32 = recipe.train.tf32
+    torch.backends.cudnn.allow_tf32 = recipe.train.tf32
+    output = Path(recipe.output.dir)
+    check_resume(recipe, resolved, resume)  # before anything is built or written
+    if acc.is_main_process:
+        ensure_output_dir(output, resume)
+        for path in remove_stale_temporaries(output / CHECKPOINTS):  # never picked up, but each is a full checkpoint
+            logger.info("removed a half-written checkpoint left by an interrupted run: %s", path.name)
+
+    model, description = build_training_model(recipe)
+    logger.info("model: %s", description)
+    ema = EMA(model, recipe.train.ema_decay, recipe.train.ema_warmup)
+    lr = recipe.learning_rate(acc.num_processes)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=lr,
+        betas=recipe.optim.betas,
+        eps=recipe.optim.eps,
+        weight_decay=recipe.optim.weight_decay,
+        fused=acc.device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(recipe.optim, recipe.train.steps))
+    resumed = resume_training(resume, recipe, resolved, model, ema, optimizer, scheduler, lr, acc.is_main_process)
+    start, position = resumed if resumed is not None else (None, Position())
+    already_done = position.step >= recipe.train.steps
+
+    if recipe.model.compile:
+        for block in model.blocks:
+            block.compile()
+    ema.params = [p.to(acc.device) for p in ema.params]
+    model, optimizer = acc.prepare(model, optimizer)
+    raw_model = acc.unwrap_model(model)
+    diffusion = GaussianDiffusion.for_model(raw_model.config, NUM_TIMESTEPS)
+    accumulation = recipe.train.grad_accumulation
+    rank, world, device, seed = acc.process_index, acc.num_processes, acc.device, recipe.train.seed
+    metrics_path = output / METRICS_FILE
+    existing = checkpoint_dirs(output)
+    last = start if start is not None else existing[-1][1] if existing else None
+    if acc.is_main_process and metrics_path.exists():  # forget metrics logged after the checkpoint we resume
+        kept = [line for line in metrics_path.read_text().splitlines() if _step_of(line) <= position.step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    trained = False  # any step taken by this call (loss.png is drawn only then)
+    logged = _read_losses(metrics_path) if start is not None else []
+    last_logged = logged[-1][1] if logged else math.nan  # what the run logged last, also when nothing is left to do
+    window_images, window_start = 0, time.perf_counter()
+    if on_step and acc.is_main_process:
+        on_step(position.step)
+
+    data = batches.iterate(position.epoch, position.batch, device)
+    with _StopFlag() as stop, contextlib.ExitStack() as stack:
+        metrics = stack.enter_context(open(metrics_path, "a")) if acc.is_main_process else None
+        board = _tensorboard(output) if acc.is_main_process and recipe.log.tensorboard else None
+        if board is not None:
+            stack.callback(board.close)
+        while position.step < recipe.train.steps:
+            step = position.step
+            model.train()
+            step_loss = torch.zeros((), device=device)
+            step_images = 0
+            for micro in range(accumulation):
+                epoch, next_batch, batch = next(data)
+                x0 = batch["x0"]
+                b = x0.shape[0]
+                t, noise, drop = _draws(seed, step, micro, x0, world, rank, recipe.train, diffusion)
+                x_t = diffusion.q_sample(x0, t, noise)
+                sync = contextlib.nullcontext() if micro == accumulation - 1 else acc.no_sync(model)
+                with sync, acc.autocast():
+                    output_ = _forward(model, batch, x_t, t, drop)
+                    loss = diffusion.training_losses(output_, x0, t, noise)["loss"].mean()
+                acc.backward(loss / accumulation)
+                step_loss += loss.detach() / accumulation
+                position.epoch, position.batch = epoch, next_batch
+                position.images += b * acc.num_processes
+                step_images += b * acc.num_processes
+            grad_norm = acc.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip or math.inf)
+            # The one host sync of the step: the loss averaged over processes, any process's stop signal, and the
+            # gradient norm (equal on all processes after the all-reduce), so every process decides alike.
+            votes = torch.stack([step_loss.float(), torch.tensor(float(stop.signal is not None), device=device)])
+            if world > 1:
+                votes = acc.reduce(votes, "sum")
+            loss_sum, stop_votes, norm = torch.cat([votes, grad_norm.detach().float().reshape(1)]).tolist()
+            loss_value, stopping = loss_sum / world, stop_votes > 0
+            # fp16 overflow in the gradients is the grad scaler's business (it skips that update itself).
+            finite = math.isfinite(loss_value) and (acc.mixed_precision == "fp16" or math.isfinite(norm))
+            if not finite:
+                if recipe.train.nan_policy == "stop":
+                    where = f"last good checkpoint: {last}" if last else "no checkpoint was written"
+                    raise TrainingDiverged(f"non-finite loss or gradient at step {step + 1}; stopped ({where})")
+                logger.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
+            else:
+                optimizer.step()
+                scheduler.step()
+                ema.update(raw_model, position.step)
+            optimizer.zero_grad(set_to_none=True)
+            position.step += 1
+
+            # A skipped step is not logged, but still saves and stops where due (the last step included).
+            if finite:
+                position.window.append(loss_value)
+                trained = True
+                window_images += step_images
+            if finite and (position.step % recipe.log.every == 0 or position.step == recipe.train.steps):
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": position.step,
+                    "loss": sum(position.window) / len(position.window),
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": window_images / max(elapsed, 1e-9),
+                    "images": position.images,
+                    "grad_norm": norm,
+                }
+                last_logged = record["loss"]
+                position.window = []
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    for key, value in record.items() if board is not None else ():
+                        if key != "step":
+                            board.add_scalar(f"train/{key}", value, position.step)
+                    if on_log:
+                        on_log(record)
+                window_images, window_start = 0, time.perf_counter()
+
+            if on_step and acc.is_main_process:
+                on_step(position.step)
+            at_end = position.step == recipe.train.steps
+            if position.step % recipe.output.save_every == 0 or at_end or stopping:
+                _check_replicas(acc, raw_model)
+                if acc.is_main_process:
+                    last = save_training_checkpoint(
+                        output, recipe, resolved, raw_model, ema, optimizer, scheduler, position
+                    )
+                acc.wait_for_everyone()
+                last = checkpoint_dirs(output)[-1][1]
+            if on_sample and recipe.log.sample_every and position.step % recipe.log.sample_every == 0:
+                if acc.is_main_process:
+                    on_sample(_ema_model(raw_model, ema), position.step)
+                acc.wait_for_everyone()
+            if stopping and not at_end:
+                raise Interrupted(stop.signal or signal.SIGTERM, position.step, last)
+
+    if acc.is_main_process and trained:
+        from pixart_cli.training.plot import line_plot, smooth
+
+        history = _read_losses(metrics_path)
+        line_plot(
+            [s for s, _ in history],
+            {"loss": [v for _, v in history], "smoothed": smooth([v for _, v in history])},
+            output / "loss.png",
+            title=recipe.name,
+        )
+    acc.wait_for_everyone()
+    acc.end_training()
+    return TrainResult(last, position.step, last_logged, metrics_path, already_done=already_done)
+
+
+def _draws(
+    seed: int,
+    step: int,
+    micro: int,
+    x0: torch.Tensor,
+    world: int,
+    rank: int,
+    train: TrainSection,
+    diffusion: GaussianDiffusion,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Timesteps, noise and caption-dropout flags for this process's slice of the global micro-batch.
+
+    Drawn for the whole global batch from a generator keyed on (seed, step, micro) and sliced, so a run on N
+    processes sees exactly the draws of a one-process run with N times the batch (and a resumed run the same
+    draws as an uninterrupted one). Every process has the same bucket, hence the same shape, at each step.
+    """
+    g = step_generator(seed, step, micro, _TRAIN_STREAM, device=x0.device)
+    b = x0.shape[0]
+    mine = slice(rank * b, (rank + 1) * b)
+    t = diffusion.sample_timesteps(world * b, g, train.timesteps, train.timestep_mean, train.timestep_std)[mine]
+    noise = torch.randn((world * b, *x0.shape[1:]), generator=g, device=x0.device, dtype=x0.dtype)[mine]
+    drop = (torch.rand(world * b, generator=g, device=x0.device) < train.caption_dropout)[mine]
+    return t, noise, drop
+
+
+def _check_replicas(acc: Any, model: nn.Module) -> None:
+    """Every process must hold the same weights; a cheap checksum catches a desynchronised data-parallel run."""
+    if acc.num_processes == 1:
+        return
+    with torch.no_grad():
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    gathered = acc.gather(checksum)
+    if not torch.all(gathered == gathered[0]):
+        raise PixartError(f"data-parallel processes hold different weights (checksums {gathered.tolist()})")
+
+
+def _tensorboard(output: Path) -> Any:
+    """A TensorBoard writer in ``output/tensorboard`` when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(output / "tensorboard"))
+
+
+def _ema_model(model: nn.Module, ema: EMA) -> nn.Module:
+    copy = build_model(model.config).to(ema.params[0].device)
+    copy.load_state_dict(ema.state_dict(model), strict=True)
+    return copy.eval()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 1 << 62
+
+
+def _read_losses(path: Path) -> list[tuple[int, float]]:
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError, KeyError):
+            record = json.loads(line)
+            out.append((record["step"], record["loss"]))
+    return out

@@ -1,0 +1,120 @@
+"""The model a stage trains: fresh, or initialised from the previous stage's checkpoint (or a DiT)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from pixart_cli.checkpoints.format import (
+    build_model,
+    expected_shapes,
+    latest_in_run,
+    read_config,
+)
+from pixart_cli.data.cache import same_component
+from pixart_cli.errors import PixartError
+from pixart_cli.models import DiTConfig, PixArtConfig
+from pixart_cli.training.recipe import (
+    Recipe,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# Keys a stage may add to what it starts from; anything else missing from `model.init` is an error.
+NEW_IN_MULTI_SCALE = ("csize_embedder.", "ar_embedder.")
+
+
+class InitialWeights(NamedTuple):
+    weights: dict | None  # None: a fresh initialisation
+    fresh: list[str]  # keys the weights lack, initialised fresh (multi-scale embedders)
+    description: str  # one line for the log
+    new_caption_path: bool  # the caption projection starts fresh (from scratch, or from a DiT)
+    prediction_type: str | None = None  # what the source model predicts (None: a fresh initialisation)
+
+
+def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> InitialWeights:
+    """Weights to start from, the keys initialised fresh, and a one-line description."""
+    if recipe.model.init is None:
+        return InitialWeights(None, [], "fresh initialisation", True)
+    init = str(latest_in_run(recipe.model.init))
+    if isinstance(config, DiTConfig):
+        from pixart_cli.checkpoints.init_from_dit import read_dit
+
+        weights, source_config = read_dit(init, num_heads=config.num_heads)
+        if source_config.num_classes != config.num_classes:
+            raise PixartError(
+                f"model.init: {init} has {source_config.num_classes} classes, the recipe {config.num_classes}"
+            )
+        return InitialWeights(weights, [], f"DiT weights from {init}", False, source_config.prediction_type)
+    from pixart_cli.checkpoints.convert import detect_format, read_any
+
+    fmt = detect_format(init)  # read once: for a .pth file it means loading the whole file
+    from_dit = fmt == "dit" or (fmt == "pixart" and isinstance(read_config(init)[0], DiTConfig))
+    if from_dit:
+        # Stage 2 straight from a stage-1 DiT: what `pixart init-from-dit` would write, done here.
+        from pixart_cli.checkpoints.init_from_dit import read_dit, reparameterise
+
+        dit, dit_config = read_dit(init, num_heads=config.num_heads)
+        weights, _ = reparameterise(
+            dit, dit_config, caption_channels=config.caption_channels, max_length=config.max_length,
+            seed=recipe.train.seed,
+        )  # fmt: skip
+        use_ema, source = False, f"DiT weights from {init}, re-parameterised as by `pixart init-from-dit`"
+        prediction_type = dit_config.prediction_type
+    else:
+        checkpoint = read_any(init, num_heads=config.num_heads, max_length=config.max_length, fmt=fmt)
+        use_ema = recipe.model.init_weights == "ema" and checkpoint.ema_state_dict is not None
+        weights = checkpoint.ema_state_dict if use_ema else checkpoint.state_dict
+        source = f"{'EMA' if use_ema else 'model'} weights from {init}"
+        read = checkpoint.meta.text_encoder
+        if not same_component(read, recipe.data.text_encoder):  # allowed (a switch of encoder), never unsaid
+            source += f"; it learned to read {read}'s features and now reads {recipe.data.text_encoder}'s"
+        prediction_type = checkpoint.config.prediction_type
+    expected = expected_shapes(config)
+    fresh = [k for k in expected if k not in weights]
+    not_allowed = [k for k in fresh if not (config.multi_scale and k.startswith(NEW_IN_MULTI_SCALE))]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k]]
+    if not_allowed or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for label, keys in (("missing", not_allowed), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        )
+        raise PixartError(f"model.init: {init} does not fit the recipe's model ({detail})")
+    return InitialWeights(weights, fresh, source, from_dit, prediction_type)
+
+
+def build_training_model(recipe: Recipe) -> tuple[nn.Module, str]:
+    config = recipe.model_config()
+    weights, fresh, description, new_caption_path, source_prediction = initial_weights(recipe, config)
+    if source_prediction not in (None, config.prediction_type):
+        if "prediction_type" in recipe.model.config:  # a deliberate switch: the model learns the new target
+            description += f"; switching from {source_prediction} to {config.prediction_type} prediction"
+        else:  # unsaid: keep predicting what the model already predicts
+            config = dataclasses.replace(config, prediction_type=source_prediction)
+    if config.prediction_type != "epsilon":
+        description += f"; predicts {config.prediction_type}"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.train.seed)  # identical initial weights on every process
+        model = build_model(config)
+    if weights is not None:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        assert sorted(missing) == sorted(fresh) and not unexpected, (missing, unexpected)  # checked above
+        if fresh:
+            description += (
+                f" ({len(fresh)} new keys initialised: {', '.join(sorted({k.split('.')[0] for k in fresh}))})"
+            )
+    if recipe.model.caption_init == "xavier" and new_caption_path and isinstance(config, PixArtConfig):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.train.seed)
+            for linear in (model.y_embedder.y_proj.fc1, model.y_embedder.y_proj.fc2):
+                nn.init.xavier_uniform_(linear.weight)
+        description += "; caption projection xavier-initialised"
+    model.enable_gradient_checkpointing(recipe.model.gradient_checkpointing)
+    return model, description
