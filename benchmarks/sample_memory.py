@@ -38,7 +38,8 @@ from pixart_cli.components.text import TextEncoder
 from pixart_cli.models import build_pixart, pixart_config
 from pixart_cli.precision import describe_device
 from pixart_cli.sampling.guidance import sample_latents
-from pixart_cli.sampling.pipeline import Job, Pipeline
+from pixart_cli.sampling.pipeline import Pipeline
+from pixart_cli.sampling.settings import Job, SampleSettings
 from pixart_cli.tiny import train_tokenizer
 
 GB = 1024**3
@@ -171,7 +172,8 @@ def child(args: argparse.Namespace) -> dict:
         sampling.sample_latents = measured_sample_latents
         jobs = [Job(0, PROMPT, seed) for seed in range(args.batch_size)]
         t0 = time.perf_counter()
-        for _ in pipeline.generate(jobs, steps=args.steps, height=args.size, width=args.size, batch_size=len(jobs)):
+        settings = SampleSettings(steps=args.steps, height=args.size, width=args.size, batch_size=len(jobs))
+        for _ in pipeline.generate(jobs, settings):
             phases["sample + decode"] = meter.peak()
         seconds = time.perf_counter() - t0
     overall = max(phases.values())

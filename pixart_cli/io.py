@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import pickle
 import pickletools
 import shutil
+import socket
 import time
 import uuid
 import warnings
@@ -247,9 +249,7 @@ def exclusive_output(directory: str | os.PathLike, command: str, label: str | No
     exits (SIGKILL included), so a crashed run never leaves the folder stuck. The file records who holds it, for the
     message. Creates ``directory`` (its parents too) when needed; ``label`` names it in errors (``output.dir``).
     """
-    import fcntl
-    import json
-    import socket
+    import fcntl  # lazy: POSIX only; the rest of this module works anywhere
 
     directory = Path(directory)
     try:

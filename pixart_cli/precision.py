@@ -14,6 +14,8 @@ import platform
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 Precision = Literal["fp32", "fp16", "bf16"]
 # The slowdown of bf16 against fp32 on an AVX2 CPU, measured as above (55 / 3.3 img/s).
 AVX2_BF16_SLOWDOWN = 17
@@ -21,15 +23,11 @@ AVX2_BF16_SLOWDOWN = 17
 
 def cpu_capability() -> str:
     """PyTorch's CPU kernel level here ("AVX512", "AVX2", "DEFAULT", ...), as benchmarks and docs report it."""
-    import torch
-
     return torch.backends.cpu.get_cpu_capability()
 
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware *and* PyTorch uses it (not forced down to AVX2)."""
-    import torch
-
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False  # other CPUs: not measured; fp32 is the safe choice
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -63,8 +61,6 @@ class PrecisionChoice:
 def choose_precision(requested: str, device_type: str) -> PrecisionChoice:
     """Resolve ``train.mixed_precision`` for a device type ("cpu", "cuda", "mps")."""
     if device_type == "cuda":
-        import torch
-
         if requested == "auto":
             if torch.cuda.is_bf16_supported():
                 return PrecisionChoice(requested, "bf16", "the GPU computes bf16")
@@ -91,8 +87,6 @@ def choose_precision(requested: str, device_type: str) -> PrecisionChoice:
 def describe_device(device: str | None = None) -> str:
     """The machine a measurement ran on, for benchmark headers: the GPU's name, or the CPU's kernel level, bf16
     support and threads (CPU figures differ ~17× in bf16 between AVX2 and AVX-512 BF16 CPUs)."""
-    import torch
-
     if (device or "cpu").startswith("cuda"):
         return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
     return f"CPU ({describe_cpu()}), {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 
 from pixart_cli.checkpoints.format import Checkpoint, CheckpointMeta, build_model, save_checkpoint
@@ -28,8 +29,6 @@ def train_tokenizer(directory: str | Path, sentences: Iterable[str], vocab_size:
 
     ``vocab_size`` is an upper bound: the trainer stops earlier when the sentences hold fewer pieces.
     """
-    import sentencepiece as spm
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
@@ -64,7 +63,11 @@ def make_tiny_t5(
 
     The encoder is T5 v1.1-shaped (gated GELU, untied embeddings); its vocabulary is the tokenizer's.
     """
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import (  # lazy: transformers adds ~4 s to start-up (docs/reference.md §8)
+        T5Config,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
 
     directory = Path(directory)
     spiece = train_tokenizer(directory / ".spiece", sentences, vocab_size)
@@ -106,7 +109,7 @@ def make_tiny_vae(
     Four levels give the SD VAE's 8× downsampling, so sizes and latent shapes match the real pipeline's; the
     scaling factor is SD's 0.18215.
     """
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # lazy: diffusers adds ~5 s to start-up (docs/reference.md §8)
 
     n = len(block_out_channels)
     with torch.random.fork_rng(devices=[]):
@@ -160,3 +163,104 @@ def make_tiny_pixart(
     meta = CheckpointMeta(text_encoder=text_encoder, vae=vae, null_caption=null_caption, source="random (tiny.py)")
     checkpoint = Checkpoint(dataclasses.replace(config), random_pixart_weights(config, seed), None, meta)
     return save_checkpoint(checkpoint, directory, overwrite=True)
+
+
+# A LLaVA-1.5-style conversation ("USER: <image>\n{prompt}\nASSISTANT:"), written out as the chat template.
+_LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def make_tiny_llava(
+    directory: str | Path,
+    sentences: Iterable[str],
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    vocab_size: int = 320,
+    initializer_range: float = 0.5,
+    seed: int = 0,
+) -> Path:
+    """A random LLaVA (CLIP vision tower + Llama language model) with a byte-level BPE tokenizer trained on
+    ``sentences`` and a chat template, saved as a transformers directory that ``AutoProcessor`` and
+    ``AutoModelForImageTextToText`` load like a released LLaVA-1.5.
+
+    ``initializer_range`` is large so that random weights still make each image's caption differ.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (  # lazy: transformers adds ~4 s to start-up (docs/reference.md §8)
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(list(sentences), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=_LLAVA_TEMPLATE,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+    )
+    heads = max(1, hidden_size // 16)
+    vision = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=initializer_range,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        initializer_range=initializer_range,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(str(directory))
+    processor.save_pretrained(str(directory))
+    return Path(directory)

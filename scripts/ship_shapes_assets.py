@@ -6,9 +6,10 @@ A checkpoint without EMA weights is taken to be an export of them (`pixart conve
     python scripts/ship_shapes_assets.py demo outputs/shapes-experiments/dit-dense-seed0 --note "..."
     python scripts/ship_shapes_assets.py demo RUN --text-encoder builtin:shapes-t5-roles --note "..."
 
-``dit`` writes ``pixart_cli/assets/shapes-dit`` (the stage-1 class-conditional DiT, DiT's own key layout in
-safetensors), ``demo`` writes ``pixart_cli/assets/shapes-demo`` (the default model of ``pixart sample``). A run
-directory stands for its latest checkpoint. The assets of the repository must stay within 30 MB in all.
+``dit`` writes ``pixart_cli/shapesworld/assets/shapes-dit`` (the stage-1 class-conditional DiT, DiT's own key
+layout in safetensors), ``demo`` writes ``pixart_cli/shapesworld/assets/shapes-demo`` (the default model of
+``pixart sample``). A run directory stands for its latest checkpoint. The assets of the repository must stay within
+30 MB in all.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def ship(kind: str, run: str, note: str, text_encoder: str | None = None) -> Pat
     meta = dataclasses.replace(checkpoint.meta, source=f"{checkpoint.meta.source}; EMA weights in fp16; {note}")
     if text_encoder is not None:  # e.g. a run that read a local copy of a builtin T5
         meta = dataclasses.replace(meta, text_encoder=text_encoder)
+    if kind == "demo":  # trained on ShapesWorld captions, whatever the run recorded (older runs record nothing)
+        meta = dataclasses.replace(meta, prompt_completion="shapesworld")
     target = save_checkpoint(
         Checkpoint(checkpoint.config, weights, None, meta), ASSETS / f"shapes-{kind}", overwrite=True
     )

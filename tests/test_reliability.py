@@ -51,7 +51,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """ShapesWorld captions, a tiny T5 trained on them and a prepared pixel-space feature cache."""
-    from pixart_cli.data.cache import prepare
+    from pixart_cli.data.cache import PrepareSettings, prepare
     from pixart_cli.shapesworld.dataset import write_dataset
     from pixart_cli.shapesworld.prompts import caption
     from pixart_cli.shapesworld.world import sample_scene
@@ -61,7 +61,7 @@ def world(tmp_path_factory) -> Path:
     make_tiny_t5(root / "t5", [caption(sample_scene(i), "dense", seed=i) for i in range(300)], d_model=32)
     write_dataset(root / "captions", 96, resolution=32, seed=0, fmt="jsonl")
     manifest = root / "captions" / "manifest.jsonl"
-    prepare(manifest, root / "cache", t5=str(root / "t5"), vae="none", resolution=32, max_length=32)
+    prepare(manifest, root / "cache", PrepareSettings(resolution=32, max_length=32), t5=str(root / "t5"), vae="none")
     return root
 
 

@@ -5,8 +5,8 @@ with the caption of its neighbour in the batch. A model that reads its captions 
 ones; the gap (in % of the shuffled error) is a cheap, sampling-free reading of text alignment, useful long before
 ShapesBench accuracies leave chance level.
 
-    python scripts/caption_probe.py outputs/shapes-stage2 data/shapes/train-32-cache
-    python scripts/caption_probe.py RUN CACHE --items 512 --timesteps 300,600
+    python experiments/shapesworld/caption_probe.py outputs/shapes-stage2 data/shapes/train-32-cache
+    python experiments/shapesworld/caption_probe.py RUN CACHE --items 512 --timesteps 300,600
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ each of the 42 seen classes (the 6 held-out shape-colour pairs are never trained
 sampled with the ShapesBench settings (DPM-Solver++ 20 steps, CFG 4.5, clipped, seeds 0…k-1) and the exact
 detector reads the largest object: colour right, shape right, both right (chance 1/8, 1/6, 1/48).
 
-    python scripts/dit_class_probe.py builtin:shapes-dit
-    python scripts/dit_class_probe.py outputs/shapes-stage1 --per-class 8 --save grid.png
+    python experiments/shapesworld/dit_class_probe.py builtin:shapes-dit
+    python experiments/shapesworld/dit_class_probe.py outputs/shapes-stage1 --per-class 8 --save grid.png
 """
 
 from __future__ import annotations

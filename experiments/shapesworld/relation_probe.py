@@ -8,16 +8,17 @@ inverts the held-out one. For each of the 8 held-out arrangements this asks both
 of the largest A-coloured object to the largest B-coloured one as ShapesBench does (along the dominant axis;
 images missing either colour are skipped).
 
-    python scripts/relation_probe.py builtin:shapes-demo
-    python scripts/relation_probe.py outputs/shapes-stage2 --images 16
-    python scripts/relation_probe.py --complete-prompts      # worded as `pixart sample` words them
+    python experiments/shapesworld/relation_probe.py builtin:shapes-demo
+    python experiments/shapesworld/relation_probe.py outputs/shapes-stage2 --images 16
+    python experiments/shapesworld/relation_probe.py --complete-prompts      # worded as `pixart sample` words them
 """
 
 from __future__ import annotations
 
 import argparse
 
-from pixart_cli.sampling.pipeline import Pipeline, make_jobs
+from pixart_cli.sampling.pipeline import Pipeline
+from pixart_cli.sampling.settings import SampleSettings
 from pixart_cli.shapesworld import world as shapes
 from pixart_cli.shapesworld.detect import Detections, detect
 
@@ -51,6 +52,7 @@ def main() -> None:
         "documented numbers were measured)",
     )
     args = parser.parse_args()
+    settings = SampleSettings(steps=args.steps, cfg=args.cfg, seed=0, num_images_per_prompt=args.images)
     pipeline = Pipeline.from_pretrained(args.model, device="cpu", complete_prompts=args.complete_prompts)
     print(f"{'held-out arrangement':<26}{'asked as held out':>20}{'asked mirrored (seen)':>24}")
     totals = {"held out": [0, 0], "mirrored": [0, 0]}
@@ -60,8 +62,7 @@ def main() -> None:
         for kind, asked in (("held out", relation), ("mirrored", mirror)):
             shape_a = seen_shape(a)
             prompt = f"a {a} {shape_a} {WORDING[asked]} a {b} {seen_shape(b, avoid=shape_a)}"
-            jobs = make_jobs([prompt], args.images, 0)
-            images = [image for _, image in pipeline.generate(jobs, steps=args.steps, cfg=args.cfg)]
+            images = [image for _, image in pipeline.generate(settings.jobs([prompt]), settings)]
             verdicts = [v for v in (placed_as_asked(detect(im), a, b, asked) for im in images) if v is not None]
             totals[kind][0] += sum(verdicts)
             totals[kind][1] += len(verdicts)

@@ -10,9 +10,9 @@ an arbitrary one (high ``t0``). Colour words can be swapped the same way (``--wo
 much the swapped word raises the error of the predicted clean image (in % of the error with the true caption; 0:
 the model ignores the word). It moves long before the detector can see a difference in samples.
 
-    python scripts/shape_word_probe.py outputs/mixed-xavier/checkpoints/step-0003000
-    python scripts/shape_word_probe.py RUN --t0 300,500,700 --scenes 96 --word colour
-    python scripts/shape_word_probe.py RUN --loss --scenes 512 --t0 200,300,400,500,700
+    python experiments/shapesworld/shape_word_probe.py outputs/mixed-xavier/checkpoints/step-0003000
+    python experiments/shapesworld/shape_word_probe.py RUN --t0 300,500,700 --scenes 96 --word colour
+    python experiments/shapesworld/shape_word_probe.py RUN --loss --scenes 512 --t0 200,300,400,500,700
 """
 
 from __future__ import annotations

@@ -3,16 +3,16 @@
 A latent-space model can never draw better than its autoencoder reconstructs, so the first measurement is the
 ceiling: ShapesWorld scenes of the whole world (held-out combinations included, seeds never trained on) are encoded
 (posterior mean), decoded, and read by the exact detector, against the same detector on the original pixels
-(~100%, `tests/test_shapes.py`). Reported per checkpoint: scenes read entirely right, object colour / shape / size,
-relations, count, PSNR; plus parameters, encode + decode time per image, and the denoiser's token count at each
-patch size (the transformer's cost is set by tokens, not by pixels).
+(~100%, `tests/shapesworld/test_world.py`). Reported per checkpoint: scenes read entirely right, object colour /
+shape / size, relations, count, PSNR; plus parameters, encode + decode time per image, and the denoiser's token
+count at each patch size (the transformer's cost is set by tokens, not by pixels).
 
 The autoencoder: ``--levels`` encoder levels (2 → 4× downsampling, 3 → 8×), ``--latent-channels`` channels,
 L1 reconstruction + ``--kl-weight`` × KL (the SD VAE's recipe without its LPIPS and GAN terms, whose weights cannot
 be had offline). Training scenes are drawn from the training split, ``default_rng([seed, i])``. The saved directory
 is a normal ``AutoencoderKL`` with ``scaling_factor`` = 1 / (std of the latent means), so it works as ``data.vae``:
 
-    python scripts/shapes_autoencoder.py -o outputs/shapes-vae-f4 --levels 2 --steps 3000 --threads 1
+    python experiments/shapesworld/shapes_autoencoder.py -o outputs/shapes-vae-f4 --levels 2 --steps 3000 --threads 1
     pixart prepare recipes/shapes/quick.yaml --set data.vae=outputs/shapes-vae-f4 ...   # a latent-space arm
 
 Results go to ``OUT/results.jsonl`` (one line per evaluation) and the console.

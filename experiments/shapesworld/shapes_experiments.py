@@ -25,10 +25,11 @@ Every ``--eval-every`` steps the checkpoint is scored on the first ``--limit`` h
 ``OUT/results.md``; reruns skip what is done and resume interrupted training (``--resume auto``).
 
 It also prints the parameter count of adaLN-single against per-block adaLN (``model.config.adaln``) at the
-shapes size and at XL/2 (claim c).
+shapes size and at XL/2 (claim c). Run from the repository root; the first command trains every arm (about 30
+minutes of training an arm on one core):
 
-    python scripts/shapes_experiments.py --steps 2000 --eval-every 500 --limit 200 --threads 1   # ~30 min an arm
-    python scripts/shapes_experiments.py --arms dit-dense --steps 3000     # one longer arm
+    python experiments/shapesworld/shapes_experiments.py --steps 2000 --eval-every 500 --limit 200 --threads 1
+    python experiments/shapesworld/shapes_experiments.py --arms dit-dense --steps 3000     # one longer arm
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pathlib import Path
 
 from pixart_cli.training.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 RECIPE = ROOT / "recipes" / "shapes" / "stage2.yaml"
 
 SPARSE = [
@@ -51,7 +52,7 @@ SPARSE = [
     "data.path=data/shapes/train-32-sparse/manifest.jsonl",
     "data.cache=data/shapes/train-32-sparse-cache",
 ]
-# Every table in docs/shapes-experiments.md was measured with the random T5; the recipe now reads the pre-trained
+# Every table in experiments/shapesworld/LOG.md was measured with the random T5; the recipe now reads the pre-trained
 # one (builtin:shapes-t5-roles), so the arms pin the encoder they were measured with (and its cache).
 RANDOM_T5 = ["data.text_encoder=builtin:shapes-t5", "data.cache=data/shapes/train-32-cache"]
 PAPER = ["model.config.prediction_type=epsilon", "train.timesteps=uniform", "optim.decay=none"]

@@ -9,8 +9,8 @@ alone cannot read the relation, the denoiser cannot either, however long it trai
 Feature sources compared: the encoder's output (what the denoiser sees), its token embeddings alone (no word
 order: a floor), and the embeddings plus absolute position codes (word order given for free: a ceiling).
 
-    python scripts/text_relation_probe.py                     # builtin:shapes-t5
-    python scripts/text_relation_probe.py --encoder DIR --train 20000 --epochs 8
+    python experiments/shapesworld/text_relation_probe.py                     # builtin:shapes-t5
+    python experiments/shapesworld/text_relation_probe.py --encoder DIR --train 20000 --epochs 8
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ from pixart_cli.checkpoints.format import (
     read_weights,
     save_checkpoint,
 )
+from pixart_cli.components.autoencoders import load_vae
+from pixart_cli.components.t5 import load_t5
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_directory, atomic_file, load_torch_file
 from pixart_cli.models import PixArtConfig, heads_for_width
@@ -489,7 +491,7 @@ def write_official(checkpoint: Checkpoint, dst: str | Path, overwrite: bool = Fa
 
 
 def _diffusers_transformer(state_dict: StateDict, config: PixArtConfig):
-    from diffusers import PixArtTransformer2DModel
+    from diffusers import PixArtTransformer2DModel  # lazy: diffusers adds ~5 s to start-up (docs/reference.md §8)
 
     with torch.device("meta"):
         model = PixArtTransformer2DModel(**diffusers_transformer_config(config))
@@ -514,7 +516,7 @@ def write_diffusers(
     _check_pipeline_has_vae(checkpoint, vae)
     if (t5 is None) != (vae is None):
         raise PixartError("a diffusers pipeline needs both --t5 and --vae (or neither, for the transformer only)")
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler  # lazy: diffusers adds ~5 s to start-up (docs/reference.md §8)
 
     transformer = _diffusers_transformer(checkpoint.state_dict, checkpoint.config)
     scheduler = DPMSolverMultistepScheduler(
@@ -525,10 +527,7 @@ def write_diffusers(
             transformer.save_pretrained(tmp, safe_serialization=True)
             scheduler.save_config(tmp)
         return Path(dst)
-    from diffusers import PixArtAlphaPipeline
-
-    from pixart_cli.components.autoencoders import load_vae
-    from pixart_cli.components.t5 import load_t5
+    from diffusers import PixArtAlphaPipeline  # lazy: diffusers adds ~5 s to start-up (docs/reference.md §8)
 
     tokenizer, text_encoder = load_t5(t5)
     pipeline = PixArtAlphaPipeline(

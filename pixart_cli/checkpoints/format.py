@@ -43,6 +43,8 @@ POSITION_FILE = "position.json"  # in training checkpoints: step and data positi
 logger = logging.getLogger(__name__)
 
 Architecture = Literal["PixArt", "DiT"]
+# Known ways of rewording prompts into the form a model's training captions took (pixart_cli.shapesworld.demo).
+PromptCompletionName = Literal["shapesworld"]
 StateDict = dict[str, torch.Tensor]
 
 
@@ -56,6 +58,10 @@ class CheckpointMeta:
     # (weights that came from diffusers, which keeps no null caption).
     null_caption: Literal["embedding", "t5-empty"] = "embedding"
     source: str | None = None  # provenance, e.g. "converted from PixArt-XL-2-512x512.pth"
+    # How prompts are completed before encoding, by default: "shapesworld" for a model trained on ShapesWorld
+    # captions, which always name sizes and background. A property of the training data, so it is recorded here
+    # rather than guessed from the text encoder. Absent (older checkpoints) or None: prompts are encoded as given.
+    prompt_completion: PromptCompletionName | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,15 @@ def check_state_dict(state_dict: StateDict, config: PixArtConfig | DiTConfig, wh
         raise PixartError(f"{what}: does not match the model config ({'; '.join(problems)})")
 
 
+def _meta_dict(meta: CheckpointMeta) -> dict:
+    """``meta`` for config.yaml; no ``prompt_completion: null``, so that a checkpoint without one stays as it was
+    (readable by versions that predate the key)."""
+    data = to_dict(meta)
+    if data["prompt_completion"] is None:
+        del data["prompt_completion"]
+    return data
+
+
 def write_checkpoint_files(checkpoint: Checkpoint, directory: Path) -> None:
     """Write config and weights into an existing (temporary) directory; see :func:`save_checkpoint`."""
     check_state_dict(checkpoint.state_dict, checkpoint.config, "model weights")
@@ -150,7 +165,7 @@ def write_checkpoint_files(checkpoint: Checkpoint, directory: Path) -> None:
         "format_version": FORMAT_VERSION,
         "architecture": checkpoint.architecture,
         "model": to_dict(checkpoint.config),
-        "meta": to_dict(checkpoint.meta),
+        "meta": _meta_dict(checkpoint.meta),
         "pixart_version": pixart_cli.__version__,
     }
     for name, sd in ((MODEL_FILE, checkpoint.state_dict), (EMA_FILE, checkpoint.ema_state_dict)):

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from pixart_cli.checkpoints.format import instantiate, load_checkpoint, save_checkpoint
+from pixart_cli.checkpoints.convert import convert
+from pixart_cli.checkpoints.format import Checkpoint, instantiate, load_checkpoint, save_checkpoint
+from pixart_cli.checkpoints.init_from_dit import init_from_dit
 from pixart_cli.models import DiT, DiTConfig, PixArtConfig, build_pixart
 
 
@@ -37,8 +39,6 @@ def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def _init_from_dit(workdir: Path) -> float:
-    from pixart_cli.checkpoints.init_from_dit import init_from_dit
-
     config = DiTConfig(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, num_classes=10)
     dit = _randomize(DiT(config), 0)
     torch.save(dit.state_dict(), workdir / "dit.pt")
@@ -52,10 +52,7 @@ def _init_from_dit(workdir: Path) -> float:
 
 
 def _diffusers_parity(workdir: Path) -> float:
-    from diffusers import PixArtTransformer2DModel
-
-    from pixart_cli.checkpoints.convert import convert
-    from pixart_cli.checkpoints.format import Checkpoint
+    from diffusers import PixArtTransformer2DModel  # lazy: diffusers adds ~5 s to start-up (docs/reference.md §8)
 
     config = PixArtConfig(
         depth=2,

@@ -4,8 +4,10 @@ Commands live one module per command and register themselves on the shared Typer
 """
 
 from pixart_cli.cli import (
+    caption,  # noqa: F401
     convert,  # noqa: F401
-    evaluate,  # noqa: F401  (registers eval-fid, eval-compbench)
+    eval_compbench,  # noqa: F401
+    eval_fid,  # noqa: F401
     init_from_dit,  # noqa: F401
     prepare,  # noqa: F401
     sample,  # noqa: F401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from pathlib import Path
 from typing import Annotated
 
@@ -91,48 +92,67 @@ def prepare(
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from pixart_cli.cli.progress import Bar
-    from pixart_cli.data.cache import PrepareProgress
+    from pixart_cli.data.cache import PrepareProgress, PrepareSettings
     from pixart_cli.data.cache import prepare as run_prepare
 
-    bucket_multiple = None
     is_recipe = data.suffix in (".yaml", ".yml")
     if not is_recipe and not data.exists():  # the positional argument first, then the options, as they are read
         raise PixartError(f"{data}: no such dataset file or directory")
+    storage_dtype = {"fp16": "float16", "fp32": "float32"}[storage.value]
+    compute_dtype = dtype.torch if dtype else None
+    # A recipe's dataset and VAE load here, outside the progress bar and the library's log lines, as they always did.
     if is_recipe:
-        from pixart_cli.components.autoencoders import load_autoencoder
-        from pixart_cli.models import DiTConfig
-        from pixart_cli.training.batches import ensure_shapes_dataset
-        from pixart_cli.training.recipe import load_recipe
+        from pixart_cli.training.prepare import recipe_cache
 
-        recipe, _ = load_recipe(data, tuple(overrides or ()))
-        config = recipe.model_config()
-        if recipe.data.path is None:
-            raise PixartError(f"{data}: data.path is not set")
-        output = output or (Path(recipe.data.cache) if recipe.data.cache else None)
-        if output is None:
-            raise PixartError(f"{data}: data.cache is not set; pass -o")
-        ensure_shapes_dataset(recipe)
-        t5 = t5 or (None if isinstance(config, DiTConfig) else recipe.data.text_encoder)
-        vae = vae or recipe.data.vae
-        resolution, multi_scale, kind = recipe.data.resolution, recipe.data.multi_scale, Kind(recipe.data.kind)
-        max_length = getattr(config, "max_length", max_length)
-        # Buckets must tile into whole patches of latent pixels: the encoder's own downsampling × the patch size.
         quiet_hub_libraries()
-        autoencoder = load_autoencoder(vae, dtype=dtype.torch if dtype else None, device=resolve_device(device))
-        bucket_multiple = autoencoder.downsample * config.patch_size
-        vae = autoencoder
-        if max_bad_fraction is None:
-            max_bad_fraction = recipe.data.max_bad_fraction
-        data = Path(recipe.data.path)
-    elif overrides:
-        raise PixartError("--set needs a recipe as the first argument")
-    if not vae:
-        raise PixartError("--vae is required: a VAE directory or hub id, or 'none' for a pixel-space model")
-    if workers < 0:
-        raise PixartError("--workers must be 0 or more")
-    quiet_hub_libraries()
-    if output is None:
-        output = data.with_name(f"{data.stem if data.is_file() else data.name}-cache")
+        job = recipe_cache(
+            data,
+            overrides or (),
+            output=output,
+            t5=t5,
+            vae=vae,
+            max_length=max_length,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            storage_dtype=storage_dtype,
+            keep_empty_captions=keep_empty_captions,
+            max_bad_fraction=max_bad_fraction,
+            num_workers=workers,
+            device=resolve_device(device),
+            dtype=compute_dtype,
+        )
+        run = functools.partial(job.prepare, overwrite=overwrite)
+    else:
+        if overrides:
+            raise PixartError("--set needs a recipe as the first argument")
+        if not vae:
+            raise PixartError("--vae is required: a VAE directory or hub id, or 'none' for a pixel-space model")
+        settings = PrepareSettings(
+            resolution=resolution,
+            multi_scale=multi_scale,
+            kind=kind.value,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            max_length=max_length,
+            storage_dtype=storage_dtype,
+            keep_empty_captions=keep_empty_captions,
+            max_bad_fraction=0.01 if max_bad_fraction is None else max_bad_fraction,
+            num_workers=workers,
+        )
+        quiet_hub_libraries()
+        if output is None:
+            output = data.with_name(f"{data.stem if data.is_file() else data.name}-cache")
+        run = functools.partial(
+            run_prepare,
+            data,
+            output,
+            settings,
+            t5=t5,
+            vae=vae,
+            device=resolve_device(device),
+            dtype=compute_dtype,
+            overwrite=overwrite,
+        )
     bar = Bar(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -148,27 +168,7 @@ def prepare(
         bar.update(task, completed=p.items_done + p.bad_images, total=p.items_total, info=info)
 
     with library_logging(), bar:
-        report = run_prepare(
-            data,
-            output,
-            t5=t5,
-            vae=vae,
-            resolution=resolution,
-            multi_scale=multi_scale,
-            kind=kind.value,
-            batch_size=batch_size,
-            shard_size=shard_size,
-            max_length=max_length,
-            bucket_multiple=bucket_multiple,
-            device=resolve_device(device),
-            dtype=dtype.torch if dtype else None,
-            storage_dtype={"fp16": "float16", "fp32": "float32"}[storage.value],
-            keep_empty_captions=keep_empty_captions,
-            max_bad_fraction=0.01 if max_bad_fraction is None else max_bad_fraction,
-            num_workers=workers,
-            overwrite=overwrite,
-            progress=show,
-        )
+        report = run(progress=show)
     if as_json:
         print_json(
             {

@@ -74,17 +74,16 @@ def _progress_bar() -> Iterator[Callable[[float, int], None]]:
             bar.stop()
 
 
-def _show_completion(pipeline, prompts: list[str], num_images: int, seed: int) -> None:
+def _show_completion(pipeline, prompts: list[str], settings) -> None:
     """Say what the model will read where prompt completion rewords a prompt (the first image's wording)."""
-    from pixart_cli.sampling.pipeline import make_jobs
+    from pixart_cli.sampling.settings import make_jobs
 
-    changed = [
-        (job.prompt, text) for job in make_jobs(prompts, 1, seed) if (text := pipeline.caption(job)) != job.prompt
-    ]
+    firsts = make_jobs(prompts, 1, settings.seed)
+    changed = [(job.prompt, text) for job in firsts if (text := pipeline.caption(job)) != job.prompt]
     if not changed:
         return
     prompt, text = changed[0]
-    each = " (drawn per image)" if num_images > 1 else ""
+    each = " (drawn per image)" if settings.num_images_per_prompt > 1 else ""
     console.print(
         f"completing prompts as the model's training captions were worded{each}: [italic]{prompt}[/] → "
         f"[italic]{text}[/]; --no-complete-prompts to read them as given",
@@ -149,19 +148,22 @@ def sample(
 
     Existing images made with the same settings are skipped, so an interrupted run can be resumed.
     """
-    from pixart_cli.sampling.pipeline import Pipeline, check_image_count, check_numbers, default_model
-    from pixart_cli.sampling.solvers import check_sampler
+    from pixart_cli.sampling.pipeline import Pipeline, default_model
+    from pixart_cli.sampling.settings import SampleSettings
     from pixart_cli.sampling.writer import write_samples
     from pixart_cli.shapesworld.demo import SHAPES_DEMO, demo_warnings
 
     prompt_list = _read_prompts(prompts, prompts_file)
-    check_sampler(sampler)
-    check_numbers(steps, cfg, batch_size)  # before the model loads; sizes are checked against it once it has
-    check_image_count(len(prompt_list), num_images)
+    # Validated here, before the model loads (a bad setting is one error line); sizes are checked against the
+    # model once it has loaded.
+    sides = (height, width) if size is None else (size, size)
+    settings = SampleSettings(
+        sampler=sampler, steps=steps, cfg=cfg, seed=seed, num_images_per_prompt=num_images, batch_size=batch_size,
+        negative_prompt=negative_prompt, height=sides[0], width=sides[1],
+    )  # fmt: skip
+    settings.check_image_count(len(prompt_list))
     if size is not None and (height is not None or width is not None):
         raise PixartError("give --size or --height/--width, not both")
-    if size is not None:
-        height = width = size
     model = model or default_model()
     if model is None:
         raise PixartError(
@@ -181,26 +183,11 @@ def sample(
             )  # fmt: skip
         # Sizes and memory are checked against the model before anything else is said (write_samples checks them
         # again): a refused run prints one error line.
-        h, w = pipeline.image_size(height, width)
-        pipeline.check_memory(h, w, min(batch_size, len(prompt_list) * num_images), cfg)
-        _show_completion(pipeline, prompt_list, num_images, seed)
+        h, w = pipeline.image_size(settings.height, settings.width)
+        pipeline.check_memory(h, w, min(settings.batch_size, len(prompt_list) * num_images), settings.cfg)
+        _show_completion(pipeline, prompt_list, settings)
         with _progress_bar() as progress:
-            report = write_samples(
-                pipeline,
-                prompt_list,
-                output,
-                num_images_per_prompt=num_images,
-                seed=seed,
-                batch_size=batch_size,
-                sampler=sampler,
-                steps=steps,
-                cfg=cfg,
-                height=height,
-                width=width,
-                negative_prompt=negative_prompt,
-                grid=grid,
-                progress=progress,
-            )
+            report = write_samples(pipeline, prompt_list, output, settings, grid=grid, progress=progress)
     h, w = report.size  # (height, width), as tensors are; people read sizes as width×height
     if as_json:
         print_json(

@@ -16,7 +16,7 @@ from pixart_cli.errors import PixartError
 
 def load_vae(name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
     """A diffusers ``AutoencoderKL`` from a directory (or a pipeline's ``vae/``) or a hub id."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # lazy: diffusers adds ~5 s to start-up (docs/reference.md §8)
 
     path, local_only = locate(name, "VAE")
     sub = Path(path) / "vae" if (Path(path) / "vae").is_dir() else None

@@ -13,7 +13,10 @@ from pixart_cli.errors import PixartError
 
 def load_t5(name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
     """(tokenizer, encoder) from a directory holding both (e.g. ``t5-v1_1-xxl``) or a hub id."""
-    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers import (  # lazy: transformers adds ~4 s to start-up (docs/reference.md §8)
+        AutoTokenizer,
+        T5EncoderModel,
+    )
 
     path, local_only = locate(name, "T5")
     sub = Path(path) / "tokenizer" if (Path(path) / "tokenizer").is_dir() else None

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from pixart_cli.components.t5 import load_t5
+
 logger = logging.getLogger(__name__)
 
 _URL = re.compile(r"\b(?:https?://|www\.)\S+", re.IGNORECASE)
@@ -127,8 +129,6 @@ class TextEncoder:
                 self.tokenizer, encoder = self.source()
                 self.encoder = encoder.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
             else:
-                from pixart_cli.components.t5 import load_t5
-
                 logger.debug("loading text encoder %s", self.source)
                 self.tokenizer, self.encoder = load_t5(self.source, dtype=self.dtype, device=self.device)
         return self

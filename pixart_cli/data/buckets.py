@@ -1,9 +1,11 @@
 """Aspect-ratio buckets and a batch sampler that keeps every batch inside one bucket.
 
 Multi-scale training (PixArt's 1024-px ``PixArtMS`` recipe) resizes each image to the bucket whose aspect ratio
-(height / width) is nearest to its own; a batch must hold one bucket so that its latents stack. The official tables
-for 256/512/1024 px come from diffusers; other base sizes (e.g. 32 or 64 px for miniature experiments) are the
-1024 table scaled down and rounded to a multiple the model can take (VAE downsampling × patch size).
+(height / width) is nearest to its own; a batch must hold one bucket so that its latents stack. Sampling a
+multi-scale model snaps the requested size the same way, to the same table (``make_bucket_table``: one rule for
+both). The official tables for 256/512/1024 px are diffusers' ``ASPECT_RATIO_{256,512,1024}_BIN``; other base sizes
+(e.g. 32 or 64 px for miniature experiments) are the 1024 table scaled down and rounded to a multiple the model can
+take (VAE downsampling × patch size).
 """
 
 from __future__ import annotations
@@ -24,40 +26,55 @@ logger = logging.getLogger(__name__)
 
 BucketTable = dict[str, tuple[int, int]]  # nominal ratio "h/w" → (height, width) in pixels
 
+# The official PixArt-α 1024-px table (diffusers' ASPECT_RATIO_1024_BIN), kept here so that training and sampling
+# need no private diffusers module for it; tests check it against diffusers.
+ASPECT_RATIO_1024: BucketTable = {
+    "0.25": (512, 2048), "0.28": (512, 1856), "0.32": (576, 1792), "0.33": (576, 1728), "0.35": (576, 1664),
+    "0.4": (640, 1600), "0.42": (640, 1536), "0.48": (704, 1472), "0.5": (704, 1408), "0.52": (704, 1344),
+    "0.57": (768, 1344), "0.6": (768, 1280), "0.68": (832, 1216), "0.72": (832, 1152), "0.78": (896, 1152),
+    "0.82": (896, 1088), "0.88": (960, 1088), "0.94": (960, 1024), "1.0": (1024, 1024), "1.07": (1024, 960),
+    "1.13": (1088, 960), "1.21": (1088, 896), "1.29": (1152, 896), "1.38": (1152, 832), "1.46": (1216, 832),
+    "1.67": (1280, 768), "1.75": (1344, 768), "2.0": (1408, 704), "2.09": (1472, 704), "2.4": (1536, 640),
+    "2.5": (1600, 640), "3.0": (1728, 576), "4.0": (2048, 512),
+}  # fmt: skip
+OFFICIAL_BASES = (256, 512, 1024)
+
+
+def _scaled(base: int, multiple: int) -> list[tuple[int, int]]:
+    """The 1024 table's sizes scaled by ``base / 1024``, each side rounded to a multiple of ``multiple``."""
+    scale = base / 1024
+    return [
+        (max(multiple, round(h * scale / multiple) * multiple), max(multiple, round(w * scale / multiple) * multiple))
+        for h, w in ASPECT_RATIO_1024.values()
+    ]
+
 
 def official_bucket_table(base: int) -> BucketTable:
-    """diffusers' ``ASPECT_RATIO_{256,512,1024}_BIN`` (the official PixArt tables) as ints."""
-    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as pipeline
+    """The official PixArt table for 256, 512 or 1024 px (diffusers' ``ASPECT_RATIO_{base}_BIN``, as ints).
 
-    tables = {
-        256: pipeline.ASPECT_RATIO_256_BIN,
-        512: pipeline.ASPECT_RATIO_512_BIN,
-        1024: pipeline.ASPECT_RATIO_1024_BIN,
-    }
-    if base not in tables:
+    The 256 and 512 tables are exactly the 1024 table scaled by ``base / 1024`` and rounded to 16 px, under the
+    same nominal ratios; tests check all three against diffusers.
+    """
+    if base not in OFFICIAL_BASES:
         raise ValueError(f"no official bucket table for {base} px (there are tables for 256, 512 and 1024)")
-    return {ratio: (int(h), int(w)) for ratio, (h, w) in tables[base].items()}
+    return dict(zip(ASPECT_RATIO_1024, _scaled(base, 16), strict=True))
 
 
 def make_bucket_table(base: int, multiple: int = 16) -> BucketTable:
     """Buckets around ``base``×``base`` pixels: the official table when it exists and fits ``multiple``, else the
     1024 table scaled by ``base / 1024`` with each side rounded to a multiple of ``multiple``.
 
-    (The official 256 and 512 tables are exactly the 1024 table scaled this way, rounded to 16 px.) At small bases
-    several ratios round to the same size; each size is kept once, keyed by its real ratio h / w.
+    The one rule for multi-scale training data and for sampling. At small bases several ratios round to the same
+    size; each size is kept once, keyed by its real ratio h / w.
     """
     if base <= 0 or multiple <= 0:
         raise ValueError(f"base and multiple must be positive, got {base} and {multiple}")
-    if base in (256, 512, 1024):
+    if base in OFFICIAL_BASES:
         table = official_bucket_table(base)
         if all(h % multiple == 0 and w % multiple == 0 for h, w in table.values()):
             return table
-    scale = base / 1024
-    sizes = {
-        (max(multiple, round(h * scale / multiple) * multiple), max(multiple, round(w * scale / multiple) * multiple))
-        for h, w in official_bucket_table(1024).values()
-    }
     # Rounding moves the ratios (at 32 px, nominal 0.68 becomes 32×32), so each size is keyed by its real ratio.
+    sizes = set(_scaled(base, multiple))
     return {f"{h / w:.2f}": (h, w) for h, w in sorted(sizes, key=lambda s: s[0] / s[1])}
 
 
@@ -98,6 +115,10 @@ class Buckets:
         """Index of the bucket whose nominal ratio is nearest to height / width (diffusers' rule; first on ties)."""
         ratio = height / width
         return min(range(len(self.ratios)), key=lambda i: abs(self.ratios[i] - ratio))
+
+    def nearest(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) of the bucket an image of height × width goes to."""
+        return self.sizes[self.assign(height, width)]
 
     def to_json(self) -> dict[str, Any]:
         return {"sizes": [list(s) for s in self.sizes], "ratios": list(self.ratios)}

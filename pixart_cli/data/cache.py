@@ -49,6 +49,7 @@ import torch
 
 from pixart_cli.components.autoencoders import Autoencoder, load_autoencoder
 from pixart_cli.components.resolve import BUILTIN, resolve_builtin
+from pixart_cli.components.text import TextEncoder
 from pixart_cli.data.buckets import Buckets, assign_buckets
 from pixart_cli.data.sources import Record, Source, SourceKind, read_source
 from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, Resample, load_pixels
@@ -63,6 +64,54 @@ INDEX = "index.json"
 PLAN = "plan.json"
 SHARDS = "shards"
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """How ``prepare`` turns a dataset into a cache; validated when built, so a bad value fails before anything loads.
+
+    The encoders, device, compute dtype and ``overwrite`` are ``prepare``'s own arguments: objects or choices of
+    this run. Most fields here are recorded in the cache's index (a rerun with other values is refused); the batch
+    size, worker count and bad-image limit are not (they change nothing in the cache).
+
+    Args:
+        resolution: image side in pixels; with ``multi_scale`` the base of the aspect-ratio bucket table.
+        kind: dataset layout (``"auto"``: detected; see ``sources``).
+        batch_size: images (and captions) per encoder call. shard_size: items per shard (at most).
+        max_length: caption tokens (120 for PixArt-α). storage_dtype: dtype on disk.
+        keep_empty_captions: keep images without a caption (empty caption) instead of skipping them.
+        clean_captions: apply ``text.clean_caption`` (else only lower-case + strip).
+        bucket_multiple: bucket sides are multiples of this (default: VAE downsampling × 2, the patch size).
+        resample: the resize filter. max_pixels: larger images are refused as unreadable (decompression bombs).
+        max_bad_fraction: abort once more than this fraction of the dataset's images has proved unreadable.
+        num_workers: processes decoding images (0: in this process).
+    """
+
+    resolution: int
+    multi_scale: bool = False
+    kind: SourceKind | Literal["auto"] = "auto"
+    batch_size: int = 32
+    shard_size: int = 1024
+    max_length: int = 120
+    storage_dtype: Literal["float16", "float32"] = "float16"
+    keep_empty_captions: bool = False
+    clean_captions: bool = True
+    bucket_multiple: int | None = None
+    resample: Resample = "lanczos"
+    max_bad_fraction: float = 0.01
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        # In the order `pixart prepare` reported them before the settings were one object.
+        if self.num_workers < 0:
+            raise PixartError("--workers must be 0 or more")
+        if self.batch_size <= 0 or self.shard_size <= 0 or self.max_length <= 0 or self.resolution <= 0:
+            raise PixartError("batch size, shard size, max length and resolution must be positive")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise PixartError(f"max bad fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise PixartError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -203,25 +252,12 @@ def _to_storage(tensor: torch.Tensor, dtype: type, what: str) -> np.ndarray:
 def prepare(
     data: str | os.PathLike,
     output: str | os.PathLike,
+    settings: PrepareSettings,
     *,
     t5: str | Any | None,
     vae: str | Autoencoder,
-    resolution: int,
-    multi_scale: bool = False,
-    kind: SourceKind | Literal["auto"] = "auto",
-    batch_size: int = 32,
-    shard_size: int = 1024,
-    max_length: int = 120,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
-    storage_dtype: Literal["float16", "float32"] = "float16",
-    keep_empty_captions: bool = False,
-    clean_captions: bool = True,
-    bucket_multiple: int | None = None,
-    resample: Resample = "lanczos",
-    max_bad_fraction: float = 0.01,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    num_workers: int = 0,
     overwrite: bool = False,
     progress: Callable[[PrepareProgress], None] | None = None,
 ) -> PrepareReport:
@@ -231,40 +267,27 @@ def prepare(
         data: dataset path (folder + .txt captions, .jsonl manifest, or class-folder tree; see ``sources``).
         output: cache directory. An unfinished cache with the same settings is resumed; a finished one is left as
             it is (its report is returned); different settings are an error unless ``overwrite``.
+        settings: what the cache holds and how it is made (``PrepareSettings``).
         t5: T5 directory / hub id, or a ready ``text.TextEncoder``; unused (may be None) for class-folder data.
         vae: VAE directory / hub id, ``"none"`` for pixel space, or a ready ``Autoencoder``.
-        resolution: image side in pixels; with ``multi_scale`` the base of the aspect-ratio bucket table.
-        batch_size: images (and captions) per encoder call. shard_size: items per shard (at most).
-        max_length: caption tokens (120 for PixArt-α). dtype: encoder compute dtype (default: as stored; T5 v1.1
-            overflows in fp16, prefer bf16 or fp32). storage_dtype: dtype on disk.
-        keep_empty_captions: keep images without a caption (empty caption) instead of skipping them.
-        clean_captions: apply ``text.clean_caption`` (else only lower-case + strip).
-        bucket_multiple: bucket sides are multiples of this (default: VAE downsampling × 2, the patch size).
-        max_bad_fraction: abort once more than this fraction of the dataset's images has proved unreadable.
-        num_workers: processes decoding images (0: in this process).
+        dtype: encoder compute dtype (default: as stored; T5 v1.1 overflows in fp16, prefer bf16 or fp32).
         progress: called with a ``PrepareProgress`` at the start and after each shard.
     """
     start_time = time.perf_counter()
     output = Path(output)
-    if not Path(data).exists():  # the dataset before the settings, as a reader meets them (the scan comes later)
+    if not Path(data).exists():
         raise PixartError(f"{data}: no such dataset file or directory")
-    if batch_size <= 0 or shard_size <= 0 or max_length <= 0 or resolution <= 0:
-        raise PixartError("batch size, shard size, max length and resolution must be positive")
-    if not 0 <= max_bad_fraction <= 1:
-        raise PixartError(f"max bad fraction must be in [0, 1], got {max_bad_fraction}")
-    if storage_dtype not in STORAGE_DTYPES:
-        raise PixartError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
-    source = read_source(data, kind, keep_empty_captions=keep_empty_captions)
+    source = read_source(data, settings.kind, keep_empty_captions=settings.keep_empty_captions)
     # Images whose caption file is not text count as unreadable images; known now, so too many is an error before
     # anything is written.
     source_bad = [BadImage(path, reason) for path, reason in source.bad]
     total = len(source.records) + len(source_bad)
-    limit = max_bad_fraction * total
+    limit = settings.max_bad_fraction * total
 
     def check_bad(bad: list[BadImage]) -> None:
         if len(bad) > limit:
             raise PixartError(
-                f"{len(bad)} of {total} images are unreadable, more than {max_bad_fraction:.1%} "
+                f"{len(bad)} of {total} images are unreadable, more than {settings.max_bad_fraction:.1%} "
                 f"(e.g. {bad[0].path}: {bad[0].reason}); fix the data or raise --max-bad-fraction"
             )
 
@@ -273,32 +296,33 @@ def prepare(
     if captioned and t5 is None:
         raise PixartError(f"{source.path}: a captioned ({source.kind}) dataset needs a T5 text encoder (--t5)")
 
-    settings = {
+    # What the index records, and a rerun must match: these keys and values are the cache's format.
+    recorded = {
         "format": FORMAT,
         "version": VERSION,
         "kind": source.kind,
         "source": str(source.path.resolve()),
         "conditioning": source.conditioning,
-        "resolution": resolution,
-        "multi_scale": multi_scale,
-        "bucket_multiple": bucket_multiple,
-        "shard_size": shard_size,
+        "resolution": settings.resolution,
+        "multi_scale": settings.multi_scale,
+        "bucket_multiple": settings.bucket_multiple,
+        "shard_size": settings.shard_size,
         "text_encoder": _identity_of(t5) if captioned else None,
-        "max_length": max_length if captioned else None,
-        "clean_captions": clean_captions if captioned else None,
-        "keep_empty_captions": keep_empty_captions,
+        "max_length": settings.max_length if captioned else None,
+        "clean_captions": settings.clean_captions if captioned else None,
+        "keep_empty_captions": settings.keep_empty_captions,
         "vae": _identity_of(vae),
         "compute_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-        "storage_dtype": storage_dtype,
-        "resample": resample,
-        "max_pixels": max_pixels,
+        "storage_dtype": settings.storage_dtype,
+        "resample": settings.resample,
+        "max_pixels": settings.max_pixels,
     }
     index_path = output / INDEX
     if index_path.exists() and not overwrite:
         index = _read_json(index_path)
-        if index.get("settings") != settings:
+        if index.get("settings") != recorded:
             raise PixartError(
-                f"{output}: holds a cache made with other settings ({_diff(index.get('settings'), settings)}); "
+                f"{output}: holds a cache made with other settings ({_diff(index.get('settings'), recorded)}); "
                 "pass --overwrite to replace it"
             )
         logger.info("%s: cache already complete", output)
@@ -311,17 +335,17 @@ def prepare(
     # Everything that can fail on the user's input (encoders, buckets) fails before the first write, so that a
     # failed start leaves no half-made cache behind for the next run to refuse.
     encoder = vae if isinstance(vae, Autoencoder) else load_autoencoder(str(vae), dtype=dtype, device=device)
-    multiple = bucket_multiple or encoder.downsample * 2
+    multiple = settings.bucket_multiple or encoder.downsample * 2
     if multiple % encoder.downsample:
         raise PixartError(f"bucket multiple {multiple} is not divisible by the VAE downsampling {encoder.downsample}")
     try:
-        buckets = Buckets.for_resolution(resolution, multi_scale, multiple)
+        buckets = Buckets.for_resolution(settings.resolution, settings.multi_scale, multiple)
     except ValueError as exc:
         raise PixartError(f"{exc} (bucket sides must be multiples of the VAE downsampling × patch size 2)") from None
-    text_encoder = _text_encoder(t5, max_length, dtype, device, clean_captions) if captioned else None
+    text_encoder = _text_encoder(t5, settings.max_length, dtype, device, settings.clean_captions) if captioned else None
     _prepare_output(output, overwrite)
 
-    plan = _load_or_make_plan(output, settings, source, buckets, shard_size, max_pixels)
+    plan = _load_or_make_plan(output, recorded, source, buckets, settings.shard_size, settings.max_pixels)
     records, shards = source.records, plan["shards"]
     known_bad = source_bad + [BadImage(records[i].path, reason) for i, reason in plan["header_bad"]]
 
@@ -352,16 +376,16 @@ def prepare(
         batches, batch_shard = [], []
         for s in pending:
             members = shards[s]["records"]
-            for i in range(0, len(members), batch_size):
-                batches.append(members[i : i + batch_size])
+            for i in range(0, len(members), settings.batch_size):
+                batches.append(members[i : i + settings.batch_size])
                 batch_shard.append(s)
         loader = torch.utils.data.DataLoader(
-            _ShardPixels(records, size_of, resample, max_pixels),
+            _ShardPixels(records, size_of, settings.resample, settings.max_pixels),
             batch_sampler=batches,
-            num_workers=num_workers,
+            num_workers=settings.num_workers,
             collate_fn=_as_list,
         )
-        store = STORAGE_DTYPES[storage_dtype]
+        store = STORAGE_DTYPES[settings.storage_dtype]
         parts: list[dict[str, Any]] = []
         shard_bad: list[BadImage] = []
         for b, batch in enumerate(loader):
@@ -393,7 +417,7 @@ def prepare(
                 pending.remove(s)
                 report_progress()
 
-    index = _make_index(settings, source, buckets, encoder, shards, output, known_bad)
+    index = _make_index(recorded, source, buckets, encoder, shards, output, known_bad)
     _write_json(index_path, index)
     return _report_from_index(output, index, source, time.perf_counter() - start_time, resumed=len(done))
 
@@ -410,8 +434,6 @@ def _diff(old: dict | None, new: dict) -> str:
 
 
 def _text_encoder(t5, max_length: int, dtype, device, clean: bool):
-    from pixart_cli.components.text import TextEncoder
-
     if isinstance(t5, TextEncoder):
         if t5.max_length != max_length:
             raise PixartError(f"the text encoder pads to {t5.max_length} tokens, but max length is {max_length}")

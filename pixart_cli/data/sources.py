@@ -145,9 +145,17 @@ def detect_kind(path: str | os.PathLike) -> SourceKind:
 
 
 def read_source(
-    path: str | os.PathLike, kind: SourceKind | Literal["auto"] = "auto", *, keep_empty_captions: bool = False
+    path: str | os.PathLike,
+    kind: SourceKind | Literal["auto"] = "auto",
+    *,
+    keep_empty_captions: bool = False,
+    expect_captions: bool = True,
 ) -> Source:
-    """Read a dataset of the given ``kind`` (``"auto"``: see ``detect_kind``)."""
+    """Read a dataset of the given ``kind`` (``"auto"``: see ``detect_kind``).
+
+    ``expect_captions=False`` (captioning a dataset): images without a caption are kept, without a warning.
+    """
+    keep_empty_captions = keep_empty_captions or not expect_captions
     path = Path(path)
     if not path.exists():
         raise PixartError(f"{path}: no such dataset file or directory")
@@ -162,7 +170,7 @@ def read_source(
         source = read_image_folder(path, keep_empty_captions=keep_empty_captions)
     else:
         raise PixartError(f"unknown dataset kind {kind!r} (choose from {', '.join(SOURCE_KINDS)})")
-    if source.missing_captions:
+    if source.missing_captions and expect_captions:
         action = "kept with an empty caption" if keep_empty_captions else "skipped"
         logger.warning("%s: %d image(s) without a caption (%s)", path, source.missing_captions, action)
     if not source.records and source.missing_captions:

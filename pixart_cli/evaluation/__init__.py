@@ -2,7 +2,8 @@
 
 Both generate their images through ``generate`` (a folder layout, resumable, sharded across processes) and
 then score them. Library functions return values and report progress through a callback
-``progress(stage, done, total)`` (``Progress`` below); printing belongs to the CLI (``pixart_cli.cli.evaluate``).
+``progress(stage, done, total)`` (``Progress`` below); printing belongs to the CLI (``pixart_cli.cli.eval_fid``,
+``pixart_cli.cli.eval_compbench``).
 
 Stage names passed to ``progress``: ``"generate"`` (images), ``"features:real"`` / ``"features:fake"`` (FID
 feature pass), ``"clip"`` (CLIP score) and ``"score:<category>"`` (CompBench scoring).

@@ -214,7 +214,7 @@ def image_features(
     Decoding and resizing run on ``workers`` threads (default: the CPU count, at most 8), one batch ahead of the
     network; results are in the order of ``files``.
     """
-    from cleanfid.resize import build_resizer
+    from cleanfid.resize import build_resizer  # lazy: clean-fid adds ~2.5 s to start-up (docs/reference.md §8)
 
     if batch_size <= 0:
         raise PixartError(f"--batch-size must be positive, got {batch_size}")
@@ -275,7 +275,9 @@ class Statistics:
 
 def frechet_distance(a: Statistics, b: Statistics) -> float:
     """FID: ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½), clean-fid's implementation."""
-    from cleanfid.fid import frechet_distance as cleanfid_distance
+    from cleanfid.fid import (
+        frechet_distance as cleanfid_distance,  # lazy: clean-fid adds ~2.5 s to start-up (docs/reference.md §8)
+    )
 
     if a.mu.shape != b.mu.shape:
         raise PixartError(f"feature sizes differ: {a.mu.shape[0]} and {b.mu.shape[0]} (different extractors?)")

@@ -20,12 +20,17 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, PngImagePlugin
 
 from pixart_cli.errors import PixartError
 from pixart_cli.evaluation import Progress, no_progress
 from pixart_cli.io import atomic_file, png_is_complete, remove_stale_temporaries
+
+if TYPE_CHECKING:  # both import torch, which this module loads only where it samples
+    from pixart_cli.sampling.pipeline import Pipeline
+    from pixart_cli.sampling.settings import SampleSettings
 
 logger = logging.getLogger(__name__)
 
@@ -199,22 +204,13 @@ def generate_images(
     return report
 
 
-def pipeline_maker(
-    load_pipeline: Callable[[], object],
-    *,
-    sampler: str = "dpm-solver",
-    steps: int | None = None,
-    cfg: float = 4.5,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str | None = None,
-    batch_size: int = 4,
-) -> ImageMaker:
-    """An ``ImageMaker`` backed by ``pixart_cli.sampling.Pipeline.generate``.
+def pipeline_maker(load_pipeline: Callable[[], Pipeline], settings: SampleSettings) -> ImageMaker:
+    """An ``ImageMaker`` backed by ``pixart_cli.sampling.Pipeline.generate`` with ``settings`` (each item brings
+    its own seed: ``settings.seed`` and ``settings.num_images_per_prompt`` are not read).
 
     ``load_pipeline`` is called once, on the first call, so a finished (resumed) run never loads the model.
     """
-    from pixart_cli.sampling.pipeline import Job
+    from pixart_cli.sampling.settings import Job
 
     loaded: list = []
 
@@ -223,17 +219,7 @@ def pipeline_maker(
             loaded.append(load_pipeline())
         pipeline = loaded[0]
         jobs = [Job(i, item.prompt, item.seed) for i, item in enumerate(items)]
-        made = pipeline.generate(
-            jobs,
-            sampler=sampler,
-            steps=steps,
-            cfg=cfg,
-            height=height,
-            width=width,
-            negative_prompt=negative_prompt,
-            batch_size=batch_size,
-            progress=progress,
-        )
+        made = pipeline.generate(jobs, settings, progress=progress)
         for job, image in made:
             yield items[job.prompt_index], image
 

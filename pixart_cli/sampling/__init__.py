@@ -5,6 +5,7 @@ Layers, from the bottom (each module imports only those above it in this list):
 * ``solvers``: every solver is a diffusers scheduler on the training noise schedule, run by one loop (``sample``).
 * ``guidance``: a model call, classifier-free guidance as one wrapper, ``sample_latents`` over caption features.
 * ``size``: the image size to sample (base size, aspect-ratio buckets) and the memory a batch needs.
+* ``settings``: ``SampleSettings``, a run's sampling settings, validated once and passed down; ``Job``, one image.
 * ``pipeline``: ``Pipeline``, prompts → PIL images from a checkpoint, a diffusers pipeline or an official ``.pth``.
 * ``writer``: ``write_samples``, the library side of `pixart sample` (PNGs + manifest, resumable).
 
@@ -14,7 +15,8 @@ the device.
 """
 
 from pixart_cli.sampling.guidance import call_model, classifier_free_guidance, sample_latents, seeded_noise, to_pil
-from pixart_cli.sampling.pipeline import Job, Pipeline, make_jobs
+from pixart_cli.sampling.pipeline import Pipeline
+from pixart_cli.sampling.settings import Job, SampleSettings, make_jobs
 from pixart_cli.sampling.size import resolve_size
 from pixart_cli.sampling.solvers import DEFAULT_CFG, SAMPLERS, make_scheduler, sample
 from pixart_cli.sampling.writer import SampleReport, write_samples
@@ -25,6 +27,7 @@ __all__ = [
     "Job",
     "Pipeline",
     "SampleReport",
+    "SampleSettings",
     "call_model",
     "classifier_free_guidance",
     "make_jobs",

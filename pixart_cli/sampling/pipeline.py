@@ -10,11 +10,9 @@ import contextlib
 import functools
 import gc
 import logging
-import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -28,8 +26,9 @@ from pixart_cli.components.text import Captions, TextEncoder
 from pixart_cli.errors import PixartError
 from pixart_cli.models import PixArtConfig
 from pixart_cli.sampling.guidance import sample_latents, seeded_noise, to_pil
+from pixart_cli.sampling.settings import Job, SampleSettings
 from pixart_cli.sampling.size import activation_bytes, available_memory, resolve_size
-from pixart_cli.sampling.solvers import DEFAULT_CFG, MAX_STEPS, check_sampler
+from pixart_cli.sampling.solvers import DEFAULT_CFG
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +37,6 @@ NullCaption = Literal["embedding", "t5-empty"]
 
 
 PromptCompletion = Callable[[str, int], str]  # (prompt, seed) -> the caption to encode
-
-
-MAX_IMAGES = 1_000_000  # per run: the job list, the records and the resume scan are held in memory
 
 
 def default_model() -> str | None:
@@ -84,27 +80,31 @@ def resolve_model(name: str | os.PathLike) -> Path:
     raise PixartError(f"{name}: no such model file or directory")
 
 
-def _prompt_completion(model: object, t5: str, complete_prompts: bool | None) -> PromptCompletion | None:
-    """``complete_prompts`` None: completion where the text encoder tells how (ShapesWorld); True: that, or an error."""
+def _prompt_completion(model: object, recorded: str | None, complete_prompts: bool | None) -> PromptCompletion | None:
+    """The completion the checkpoint records (``meta.prompt_completion``) unless ``complete_prompts`` is False;
+    True where it records none is an error."""
     from pixart_cli.shapesworld.demo import prompt_completion
 
-    completion = prompt_completion(t5) if complete_prompts is not False else None
+    completion = prompt_completion(recorded) if complete_prompts is not False else None
     if complete_prompts and completion is None:
-        raise PixartError(f"{model}: prompt completion knows only the ShapesWorld captions; this model reads {t5}")
+        raise PixartError(
+            f"{model}: prompt completion knows only the ShapesWorld captions, and this model's checkpoint records no "
+            "training on them (meta.prompt_completion; a ShapesWorld checkpoint written before that key needs "
+            "'prompt_completion: shapesworld' added under 'meta:' in its config.yaml)"
+        )
     return completion
 
 
 def check_prompt_completion(model: str | os.PathLike, t5: str | None = None) -> None:
     """Raise, before any work, the error ``Pipeline.from_pretrained(model, t5=t5, complete_prompts=True)`` would
-    raise, reading only the checkpoint's config (not its weights)."""
+    raise, reading only the checkpoint's config (not its weights). ``t5`` does not matter: completion is what the
+    model was trained on, not which encoder reads the prompts."""
     from pixart_cli.checkpoints.format import is_checkpoint_dir, latest_in_run, read_config
 
     path = latest_in_run(resolve_model(model))
-    if t5 is None and is_checkpoint_dir(path):
-        recorded = read_config(path)[1].text_encoder
-        t5 = recorded and _component_path(recorded, path)
-    # Diffusers pipelines and official files bring (or need) a T5 of their own: never a built-in ShapesWorld one.
-    _prompt_completion(model, t5 or "a text encoder of its own", True)
+    # Diffusers pipelines and official files record no completion: their captions were real ones.
+    recorded = read_config(path)[1].prompt_completion if is_checkpoint_dir(path) else None
+    _prompt_completion(model, recorded, True)
 
 
 def _component_path(reference: str, model_path: Path) -> str:
@@ -113,36 +113,6 @@ def _component_path(reference: str, model_path: Path) -> str:
         return reference
     beside = (model_path if model_path.is_dir() else model_path.parent) / reference
     return str(beside) if beside.exists() else reference
-
-
-@dataclass(frozen=True)
-class Job:
-    """One image to make: prompt ``prompt_index`` of the list, with its own seed."""
-
-    prompt_index: int
-    prompt: str
-    seed: int
-
-
-def make_jobs(prompts: Sequence[str], num_images_per_prompt: int, seed: int) -> list[Job]:
-    """Image j of prompt i uses seed + j (prompts share seeds, so a seed gives comparable images across prompts)."""
-    if not prompts:
-        raise PixartError("no prompts given")
-    check_image_count(len(prompts), num_images_per_prompt)
-    if not -(2**63) <= seed <= 2**64 - num_images_per_prompt:  # what torch.Generator.manual_seed accepts
-        raise PixartError(f"--seed must be in [-2^63, 2^64 - {num_images_per_prompt}], got {seed}")
-    return [Job(i, p, seed + j) for i, p in enumerate(prompts) for j in range(num_images_per_prompt)]
-
-
-def check_image_count(prompts: int, num_images_per_prompt: int) -> None:
-    """Refuse a non-positive ``-n`` and runs of more than ``MAX_IMAGES`` images, before any list is built."""
-    if num_images_per_prompt <= 0:
-        raise PixartError(f"number of images per prompt must be positive, got {num_images_per_prompt}")
-    if prompts * num_images_per_prompt > MAX_IMAGES:
-        raise PixartError(
-            f"a run makes at most {MAX_IMAGES:,} images; {prompts:,} prompt(s) × {num_images_per_prompt:,} images "
-            f"is {prompts * num_images_per_prompt:,}"
-        )
 
 
 class Pipeline:
@@ -208,8 +178,8 @@ class Pipeline:
         ``t5`` and ``vae`` override the checkpoint's own references (needed for an official ``.pth`` and a bare
         diffusers transformer); ``vae="none"`` is pixel space. Defaults: CUDA when available; bf16 on CUDA and
         fp32 on CPU; EMA weights when present. ``complete_prompts``: word prompts as the training captions were
-        (``pixart_cli.demo.prompt_completion``); None (default) does so where the text encoder tells how, i.e. for
-        ShapesWorld models; True where it cannot tell is an error.
+        (``pixart_cli.shapesworld.demo.prompt_completion``); None (default) does so where the checkpoint records
+        how (``meta.prompt_completion``: ShapesWorld models); True where it records none is an error.
         """
         from pixart_cli.checkpoints.convert import read_any
         from pixart_cli.checkpoints.format import instantiate
@@ -228,7 +198,7 @@ class Pipeline:
                 "or 'none' for a pixel-space model)"
             )
         null_caption = checkpoint.meta.null_caption
-        completion = _prompt_completion(model, t5, complete_prompts)
+        completion = _prompt_completion(model, checkpoint.meta.prompt_completion, complete_prompts)
         rest = torch.device("cpu") if offload else device
         autoencoder = load_autoencoder(vae, dtype=dtype, device=rest)
         _check_channels(checkpoint.config, autoencoder, str(model))
@@ -323,25 +293,17 @@ class Pipeline:
     def generate(
         self,
         jobs: Sequence[Job],
-        *,
-        sampler: str = "dpm-solver",
-        steps: int | None = None,
-        cfg: float = DEFAULT_CFG,
-        height: int | None = None,
-        width: int | None = None,
-        negative_prompt: str | None = None,
-        batch_size: int = 4,
+        settings: SampleSettings,
         progress: Callable[[float], None] | None = None,
     ) -> Iterator[tuple[Job, Image.Image]]:
-        """Make each job's image, ``batch_size`` at a time (jobs of different prompts share batches).
+        """Make each job's image with ``settings``, ``settings.batch_size`` at a time (jobs of different prompts
+        share batches). The seeds are the jobs' own (``settings.seed`` made them, where ``settings.jobs`` did).
 
         ``progress(images)`` is called after each solver step with the number of images done so far (fractional
         within a batch, exact at its end).
         """
-        spec = check_sampler(sampler)
-        steps = spec.default_steps if steps is None else steps
-        check_numbers(steps, cfg, batch_size)
-        h, w = self.image_size(height, width)
+        cfg, batch_size, negative_prompt = settings.cfg, settings.batch_size, settings.negative_prompt
+        h, w = self.image_size(settings.height, settings.width)
         if not jobs:
             return
         self.check_memory(h, w, min(batch_size, len(jobs)), cfg)
@@ -368,8 +330,8 @@ class Pipeline:
                     noise.to(self.device),
                     cond,
                     uncond if cfg != 1.0 else None,
-                    sampler=sampler,
-                    steps=steps,
+                    sampler=settings.sampler,
+                    steps=settings.steps,
                     cfg=cfg,
                     image_size=(h, w),
                     generators=generators,
@@ -395,18 +357,18 @@ class Pipeline:
     ) -> list[Image.Image]:
         """Images for ``prompts``, grouped by prompt (image j of prompt i uses seed + j)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        jobs = make_jobs(prompts, num_images_per_prompt, seed)
-        made = self.generate(
-            jobs,
+        settings = SampleSettings(
             sampler=sampler,
             steps=steps,
             cfg=cfg,
+            seed=seed,
+            num_images_per_prompt=num_images_per_prompt,
+            batch_size=batch_size,
+            negative_prompt=negative_prompt,
             height=height,
             width=width,
-            negative_prompt=negative_prompt,
-            batch_size=batch_size,
         )
-        return [image for _, image in made]
+        return [image for _, image in self.generate(settings.jobs(prompts), settings)]
 
 
 def _check_channels(config: PixArtConfig, autoencoder: Autoencoder, name: str) -> None:
@@ -420,15 +382,3 @@ def _check_channels(config: PixArtConfig, autoencoder: Autoencoder, name: str) -
 
 def _report_steps(progress: Callable[[float], None], start: int, images: int, step: int, steps: int) -> None:
     progress(start + images * step / steps)
-
-
-def check_numbers(steps: int | None, cfg: float, batch_size: int) -> None:
-    """Refuse out-of-range settings (``steps`` None: the sampler's default, always in range)."""
-    if steps is not None and steps <= 0:
-        raise PixartError(f"--steps must be positive, got {steps}")
-    if steps is not None and steps > MAX_STEPS:
-        raise PixartError(f"--steps can be at most {MAX_STEPS} (the training schedule's timesteps), got {steps}")
-    if not math.isfinite(cfg) or cfg < 0:
-        raise PixartError(f"--cfg must be a non-negative number, got {cfg}")
-    if batch_size <= 0:
-        raise PixartError(f"--batch-size must be positive, got {batch_size}")

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from pixart_cli.data.buckets import Buckets
 from pixart_cli.errors import PixartError
 from pixart_cli.models import PixArtConfig
 
@@ -17,27 +18,9 @@ logger = logging.getLogger(__name__)
 MAX_TOKEN_FACTOR = 16  # a sampled patch grid may hold 16× the model's trained one (4× each side of a square)
 
 
-def aspect_ratio_buckets(base_size: int) -> dict[str, list[float]] | None:
-    """The official aspect-ratio buckets ({"h/w": [h, w]}) for a 256, 512 or 1024 px model, else None."""
-    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
-        ASPECT_RATIO_256_BIN,
-        ASPECT_RATIO_512_BIN,
-        ASPECT_RATIO_1024_BIN,
-    )
-
-    return {256: ASPECT_RATIO_256_BIN, 512: ASPECT_RATIO_512_BIN, 1024: ASPECT_RATIO_1024_BIN}.get(base_size)
-
-
-def snap_to_bucket(height: int, width: int, buckets: dict[str, list[float]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to height / width."""
-    ratio = height / width
-    key = min(buckets, key=lambda r: abs(float(r) - ratio))
-    h, w = buckets[key]
-    return int(h), int(w)
-
-
 def resolve_size(config: PixArtConfig, downsample: int, height: int | None, width: int | None) -> tuple[int, int]:
-    """The image size to sample: the model's base size by default; multi-scale models snap to their buckets.
+    """The image size to sample: the model's base size by default; multi-scale models snap to the buckets they were
+    trained on (``make_bucket_table``: the official tables at 256/512/1024 px, the same generated rule elsewhere).
 
     Raises PixartError when a side is not a multiple of downsample × patch (the model's token grid).
     """
@@ -47,26 +30,24 @@ def resolve_size(config: PixArtConfig, downsample: int, height: int | None, widt
     height, width = (width if height is None else height), (height if width is None else width)  # one side: square
     if height <= 0 or width <= 0:
         raise PixartError(f"image size must be positive, got {width}×{height} (width×height)")
-    if config.multi_scale:
-        buckets = aspect_ratio_buckets(base)
-        if buckets is not None:
-            snapped = snap_to_bucket(height, width, buckets)
-            if snapped != (height, width):
-                logger.warning(
-                    "size %d×%d snapped to %d×%d (width×height), the nearest aspect-ratio bucket of this "
-                    "multi-scale model",
-                    width,
-                    height,
-                    snapped[1],
-                    snapped[0],
-                )
-            height, width = snapped
     multiple = downsample * config.patch_size
+    if config.multi_scale:
+        # Training buckets its images with this table and this multiple (training.batches, `pixart prepare`).
+        snapped = Buckets.for_resolution(base, True, multiple).nearest(height, width)
+        if snapped != (height, width):
+            logger.warning(
+                "size %d×%d snapped to %d×%d (width×height), the nearest aspect-ratio bucket of this multi-scale model",
+                width,
+                height,
+                snapped[1],
+                snapped[0],
+            )
+        height, width = snapped
     if height % multiple or width % multiple:
         what = f"{downsample} (VAE) × {config.patch_size} (patch)" if downsample > 1 else "the patch size"
         raise PixartError(f"image size {width}×{height}: each side must be a multiple of {multiple} ({what})")
     # Far beyond the trained grid a model draws nothing useful, and the tensors can outgrow any machine: refuse
-    # before anything is allocated (multi-scale models with buckets never get here, their buckets are smaller).
+    # before anything is allocated (multi-scale models never get here: their buckets are smaller).
     patches = (height // multiple) * (width // multiple)
     limit = MAX_TOKEN_FACTOR * config.base_size**2
     if patches > limit:

@@ -6,6 +6,7 @@ Resumable: an image whose file already holds the same settings is skipped; one w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -18,8 +19,8 @@ from PIL import Image, PngImagePlugin
 
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_file, exclusive_output, png_is_complete, remove_stale_temporaries
-from pixart_cli.sampling.pipeline import Job, Pipeline, check_numbers, make_jobs
-from pixart_cli.sampling.solvers import DEFAULT_CFG, check_sampler
+from pixart_cli.sampling.pipeline import Pipeline
+from pixart_cli.sampling.settings import Job, SampleSettings
 
 logger = logging.getLogger(__name__)
 
@@ -107,47 +108,29 @@ def write_samples(
     pipeline: Pipeline,
     prompts: Sequence[str],
     output_dir: str | os.PathLike,
+    settings: SampleSettings,
     *,
-    num_images_per_prompt: int = 1,
-    seed: int = 0,
-    batch_size: int = 4,
-    sampler: str = "dpm-solver",
-    steps: int | None = None,
-    cfg: float = DEFAULT_CFG,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str | None = None,
     grid: bool = False,
     progress: Callable[[float, int], None] | None = None,
 ) -> SampleReport:
-    """Generate into ``output_dir``: one PNG per image (settings in its text chunk) and ``manifest.jsonl``.
+    """Generate ``settings.num_images_per_prompt`` images per prompt into ``output_dir``: one PNG per image (its
+    settings in its text chunk, ``SampleSettings.record``) and ``manifest.jsonl``.
 
     Resumable: an image whose file already holds the same settings is skipped; one that holds different settings
     is an error (nothing is written then). Everything is validated before the first file is written.
     ``progress(images_done, images_to_make)`` is called as sampling advances.
     """
-    spec = check_sampler(sampler)
-    steps = spec.default_steps if steps is None else steps
-    check_numbers(steps, cfg, batch_size)
-    jobs = make_jobs(prompts, num_images_per_prompt, seed)
+    jobs = settings.jobs(prompts)
     if grid and len(jobs) > MAX_GRID_IMAGES:
         raise PixartError(f"--grid is for at most {MAX_GRID_IMAGES} images, this run makes {len(jobs)}")
-    h, w = pipeline.image_size(height, width)
-    pipeline.check_memory(h, w, min(batch_size, len(jobs)), cfg)
-    settings = {
-        "sampler": sampler,
-        "steps": steps,
-        "cfg": cfg,
-        "negative_prompt": negative_prompt or "",
-        "height": h,
-        "width": w,
-        "model": pipeline.name,
-    }
+    h, w = pipeline.image_size(settings.height, settings.width)
+    pipeline.check_memory(h, w, min(settings.batch_size, len(jobs)), settings.cfg)
+    shared = settings.record((h, w), pipeline.name)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise PixartError(f"{out}: exists and is not a directory")
     records = {
-        j: {"file": image_name(j), "prompt_index": j.prompt_index, "prompt": j.prompt, "seed": j.seed, **settings}
+        j: {"file": image_name(j), "prompt_index": j.prompt_index, "prompt": j.prompt, "seed": j.seed, **shared}
         for j in jobs
     }
     for job, record in records.items():  # what the model read, where prompt completion changed it
@@ -198,24 +181,15 @@ def write_samples(
                 progress(images, len(todo))
 
         advance(0.0)
-        made = pipeline.generate(
-            todo,
-            sampler=sampler,
-            steps=steps,
-            cfg=cfg,
-            height=h,
-            width=w,
-            negative_prompt=negative_prompt,
-            batch_size=batch_size,
-            progress=advance,
-        )
+        # The size resolved above, so that generating does not resolve (and warn about a snapped size) again.
+        made = pipeline.generate(todo, dataclasses.replace(settings, height=h, width=w), progress=advance)
         for job, image in made:
             path = out / image_name(job)
             _save_png(image, path, records[job])
             manifest.add(records[job])
             report.written.append(path)
         if grid:
-            report.grid = _write_grid([out / image_name(j) for j in jobs], num_images_per_prompt, out / GRID)
+            report.grid = _write_grid([out / image_name(j) for j in jobs], settings.num_images_per_prompt, out / GRID)
         return report
 
 

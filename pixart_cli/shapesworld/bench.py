@@ -16,6 +16,8 @@ from pixart_cli.evaluation.generate import ImageMaker, Shard, generate_images
 from pixart_cli.evaluation.t2i_compbench.bench import BenchReport, CategoryResult, finish_report, write_json
 from pixart_cli.evaluation.t2i_compbench.layout import SCORES_FILE, SHAPES_CATEGORIES, layout
 from pixart_cli.evaluation.t2i_compbench.scorers import open_rgb
+from pixart_cli.shapesworld.detect import CHECKS, score_images
+from pixart_cli.shapesworld.prompts import heldout_prompts
 
 
 def evaluate_shapes(
@@ -42,8 +44,6 @@ def evaluate_shapes(
     acceptance view: ``one_object`` colour and shape (one-object prompts), ``both_objects`` (binding on the
     two-object prompts) beside spatial.
     """
-    from pixart_cli.shapesworld.detect import CHECKS, score_images
-    from pixart_cli.shapesworld.prompts import heldout_prompts
 
     started = time.monotonic()
     shard = shard or Shard()

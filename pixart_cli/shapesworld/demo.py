@@ -12,12 +12,11 @@
 from __future__ import annotations
 
 import functools
-import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pixart_cli.components.resolve import ASSETS, resolve_builtin
+from pixart_cli.components.resolve import ASSETS
 
 SHAPES_T5 = "builtin:shapes-t5"
 SHAPES_T5_ROLES = "builtin:shapes-t5-roles"
@@ -110,13 +109,12 @@ def demo_warnings(prompts: Sequence[str]) -> list[str]:
     return warnings
 
 
-def prompt_completion(text_encoder: str) -> Callable[[str, int], str] | None:
-    """How to word prompts for a model that reads ``text_encoder``: ``complete_prompt`` for the ShapesWorld T5s
-    (their models were trained on captions that always name sizes and background), None for any other."""
+def prompt_completion(name: str | None) -> Callable[[str, int], str] | None:
+    """The prompt completion a checkpoint's ``meta.prompt_completion`` names: ``complete_prompt`` for
+    "shapesworld" (models trained on captions that always name sizes and background), else None."""
     from pixart_cli.shapesworld.prompts import complete_prompt
 
-    shapes_t5s = {os.path.realpath(resolve_builtin(name)) for name in (SHAPES_T5, SHAPES_T5_ROLES)}
-    return complete_prompt if os.path.realpath(resolve_builtin(text_encoder)) in shapes_t5s else None
+    return complete_prompt if name == "shapesworld" else None  # CheckpointMeta admits no other name
 
 
 def demo_model() -> str | None:

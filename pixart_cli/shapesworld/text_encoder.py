@@ -1,11 +1,12 @@
 """Text-only pre-training of the ShapesWorld T5 encoder, so that its features say which object is where.
 
 Real PixArt reads captions through T5-XXL, pre-trained on web text: its features carry syntax. A *random* tiny T5
-does not. Measured with ``scripts/text_relation_probe.py`` (a cross-attention probe asked where one colour's
-object is relative to the other, from the encoder's features alone): the random encoder gives what word-order-blind
-token embeddings give (0.55 on fresh captions, 0.00 on held-out colour arrangements: the probe, like the denoiser
-trained on it, can only recall how a colour pair was laid out in training). Generic text objectives did not change
-that here (text infilling, and paraphrasing every relation into "left of"/"above": both 0.55 / 0.00).
+does not. Measured with ``experiments/shapesworld/text_relation_probe.py`` (a cross-attention probe asked where one
+colour's object is relative to the other, from the encoder's features alone): the random encoder gives what
+word-order-blind token embeddings give (0.55 on fresh captions, 0.00 on held-out colour arrangements: the probe,
+like the denoiser trained on it, can only recall how a colour pair was laid out in training). Generic text
+objectives did not change that here (text infilling, and paraphrasing every relation into "left of"/"above": both
+0.55 / 0.00).
 
 So the encoder is pre-trained, on captions of the training split only and without images, on two objectives at
 once: text infilling (T5-style: spans replaced by one ``<unk>``, the decoder writes the whole caption) and
@@ -93,7 +94,10 @@ def pretrain_shapes_t5(directory: str | Path, steps: int = PRETRAIN_STEPS, seed:
 
     Deterministic for a given seed, torch build and thread count; about 13 minutes on one CPU thread.
     """
-    from transformers import T5Config, T5TokenizerFast
+    from transformers import (  # lazy: transformers adds ~4 s to start-up (docs/reference.md §8)
+        T5Config,
+        T5TokenizerFast,
+    )
 
     directory = Path(directory)
     tokenizer = T5TokenizerFast.from_pretrained(str(directory))
@@ -108,7 +112,11 @@ def pretrain_shapes_t5(directory: str | Path, steps: int = PRETRAIN_STEPS, seed:
 
 def _pretrain(config, ids, tags, tokenizer, steps: int, rng: np.random.Generator):
     """Encoder + decoder + tagging head trained together; returns the encoder alone."""
-    from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
+    from transformers import (  # lazy: transformers adds ~4 s to start-up (docs/reference.md §8)
+        T5Config,
+        T5EncoderModel,
+        T5ForConditionalGeneration,
+    )
 
     model = T5ForConditionalGeneration(
         T5Config(**{**config.to_dict(), "num_decoder_layers": 2, "is_encoder_decoder": True})

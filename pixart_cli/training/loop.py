@@ -46,6 +46,7 @@ from pixart_cli.errors import PixartError
 from pixart_cli.io import remove_stale_temporaries
 from pixart_cli.precision import PrecisionChoice, choose_precision
 from pixart_cli.training.ema import EMA
+from pixart_cli.training.plot import line_plot, smooth
 from pixart_cli.training.recipe import (
     OptimSection,
     Recipe,
@@ -122,7 +123,7 @@ def lr_multiplier(optim: OptimSection, total_steps: int) -> Callable[[int], floa
 def make_accelerator(recipe: Recipe) -> tuple[Any, PrecisionChoice]:
     """The run's Accelerator, with ``train.mixed_precision`` resolved for this machine (``auto``: bf16 only where
     it is native)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # lazy: accelerate adds ~1 s to start-up (docs/reference.md §8)
 
     cuda = torch.cuda.is_available()
     choice = choose_precision(recipe.train.mixed_precision, "cuda" if cuda else "cpu")
@@ -345,8 +346,6 @@ def train(
                 raise Interrupted(stop.signal or signal.SIGTERM, position.step, last)
 
     if acc.is_main_process and trained:
-        from pixart_cli.training.plot import line_plot, smooth
-
         history = _read_losses(metrics_path)
         line_plot(
             [s for s, _ in history],
@@ -398,7 +397,7 @@ def _check_replicas(acc: Any, model: nn.Module) -> None:
 def _tensorboard(output: Path) -> Any:
     """A TensorBoard writer in ``output/tensorboard`` when the tensorboard package is installed, else None."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: optional (tensorboard may not be installed)
     except ImportError:
         return None
     return SummaryWriter(str(output / "tensorboard"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pixart_cli.checkpoints.format import build_model
+from pixart_cli.checkpoints.format import build_model, latest_in_run
 from pixart_cli.config import to_dict
 from pixart_cli.errors import PixartError
 from pixart_cli.models import DiTConfig
@@ -181,8 +181,6 @@ def _duration(seconds: float) -> str:
 
 def missing_inputs(recipe: Recipe, recipe_path: str) -> tuple[str, ...]:
     """What the run will need that is not on disk yet (a local path that does not exist), one line each."""
-    from pixart_cli.checkpoints.format import latest_in_run
-
     out = []
     data = recipe.data
     init = recipe.model.init

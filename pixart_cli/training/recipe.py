@@ -14,13 +14,18 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from pixart_cli.config import ConfigError, apply_overrides, from_dict, to_dict
 from pixart_cli.errors import PixartError
 from pixart_cli.models import DIT_VARIANTS, PIXART_VARIANTS, DiTConfig, PixArtConfig
+from pixart_cli.shapesworld.dataset import check_dataset_args
+from pixart_cli.shapesworld.world import CaptionStyle, DatasetFormat, Split
+
+if TYPE_CHECKING:
+    from pixart_cli.checkpoints.format import PromptCompletionName
 
 
 def _positive(section: object, *names: str) -> None:
@@ -46,7 +51,7 @@ class ModelSection:
     compile: bool = False  # torch.compile each transformer block
     # A caption projection (y_embedder) that starts fresh: "official" N(0, 0.02), sized for T5-XXL's 4096 channels,
     # or "xavier" (uniform, scaled by width): faster text alignment with a narrow text encoder (ShapesWorld:
-    # docs/shapes-experiments.md). Ignored when the projection comes from a PixArt checkpoint.
+    # experiments/shapesworld/LOG.md). Ignored when the projection comes from a PixArt checkpoint.
     caption_init: Literal["official", "xavier"] = "official"
 
     def variants(self) -> dict[str, PixArtConfig | DiTConfig]:
@@ -62,6 +67,26 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
+class ShapesSection:
+    """A ShapesWorld dataset to generate at ``data.path`` on first use: ``write_dataset``'s arguments."""
+
+    n: int  # scenes
+    # A side, one (width, height), or a list of (width, height) sizes each scene draws from (multi-aspect data).
+    resolution: int | tuple[int, int] | tuple[tuple[int, int], ...] = 32
+    seed: int = 0  # scene i is drawn from (seed, i)
+    caption_style: CaptionStyle = "dense"
+    fmt: DatasetFormat = "folder"
+    split: Split = "train"
+    objects: int | None = None  # objects in every scene; None: 1 to 3
+    workers: int = 1  # processes writing it
+
+    def __post_init__(self) -> None:
+        # Checked when the recipe loads, not only when the data is generated: a bad value (or a typo, caught by
+        # the typed keys) must not pass unnoticed because the dataset happens to exist already.
+        check_dataset_args(self.n, self.resolution, self.caption_style, self.fmt, self.objects)
+
+
+@dataclass(frozen=True)
 class DataSection:
     path: str | None = None  # image folder with .txt captions, JSONL manifest, or class-folder tree (stage 1)
     kind: Literal["auto", "captions", "manifest", "classes"] = "auto"
@@ -70,7 +95,7 @@ class DataSection:
     multi_scale: bool = False  # aspect-ratio buckets; every batch holds one bucket
     text_encoder: str | None = "DeepFloyd/t5-v1_1-xxl"  # T5 directory or hub id (PixArt stages)
     vae: str = "stabilityai/sd-vae-ft-ema"  # AutoencoderKL directory or hub id, or "none" (pixel space)
-    shapes: dict[str, Any] | None = None  # generate a ShapesWorld dataset at `path` on first use (see shapes.py)
+    shapes: ShapesSection | None = None  # generate a ShapesWorld dataset at `path` on first use
     num_workers: int = 2
     max_bad_fraction: float = 0.01  # abort when more of the images than this are unreadable
 
@@ -92,7 +117,8 @@ class OptimSection:
     grad_clip: float = 0.01
     warmup_steps: int = 1000  # linear warm-up, then `decay`
     # After warm-up: "none" keeps the peak lr (the official recipes); "cosine" or "linear" anneal it to
-    # `final_lr_fraction` × peak at train.steps (a constant lr degraded long ShapesWorld runs: shapes-experiments.md).
+    # `final_lr_fraction` × peak at train.steps (a constant lr degraded long ShapesWorld runs:
+    # experiments/shapesworld/LOG.md).
     decay: Literal["none", "cosine", "linear"] = "none"
     final_lr_fraction: float = 0.0
     lr_scaling: Literal["none", "sqrt"] = "sqrt"  # lr × sqrt(global_batch / reference_batch) (official auto_lr)
@@ -227,6 +253,11 @@ class Recipe:
         if self.optim.lr_scaling == "none":
             return self.optim.lr
         return self.optim.lr * math.sqrt(self.global_batch(world_size) / self.optim.reference_batch)
+
+    def prompt_completion(self) -> PromptCompletionName | None:
+        """The prompt completion its checkpoints record (``meta.prompt_completion``): "shapesworld" for a PixArt
+        trained on generated ShapesWorld data (``data.shapes``), whose captions name what short prompts leave out."""
+        return "shapesworld" if self.data.shapes is not None and self.model.architecture == "PixArt" else None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, dict]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from pixart_cli.checkpoints.format import (
@@ -139,8 +140,6 @@ def check_resume(recipe: Recipe, resolved: dict, resume: str | None) -> None:
 def _check_files(checkpoint: Path) -> None:
     """Find a missing, cut-short or foreign file of a training checkpoint from its headers, without reading the
     weights (the full load in :func:`_restore` catches what this cannot)."""
-    from safetensors import SafetensorError, safe_open
-
     if not (checkpoint / EMA_FILE).is_file():  # never restart the EMA from the raw weights unsaid
         raise DamagedCheckpoint(f"{checkpoint / EMA_FILE}: missing (a training checkpoint holds its EMA weights)")
     for name in (MODEL_FILE, EMA_FILE):
@@ -250,7 +249,12 @@ def _set_aside(checkpoint: Path) -> Path:
 def _meta(recipe: Recipe, source: str) -> CheckpointMeta:
     if recipe.model.architecture == "DiT":
         return CheckpointMeta(vae=recipe.data.vae, source=source)
-    return CheckpointMeta(text_encoder=recipe.data.text_encoder, vae=recipe.data.vae, source=source)
+    return CheckpointMeta(
+        text_encoder=recipe.data.text_encoder,
+        vae=recipe.data.vae,
+        source=source,
+        prompt_completion=recipe.prompt_completion(),
+    )
 
 
 def save_training_checkpoint(

@@ -9,12 +9,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from pixart_cli.checkpoints.convert import detect_format, read_any
 from pixart_cli.checkpoints.format import (
     build_model,
     expected_shapes,
     latest_in_run,
     read_config,
 )
+from pixart_cli.checkpoints.init_from_dit import read_dit, reparameterise
 from pixart_cli.data.cache import same_component
 from pixart_cli.errors import PixartError
 from pixart_cli.models import DiTConfig, PixArtConfig
@@ -43,21 +45,17 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> Initial
         return InitialWeights(None, [], "fresh initialisation", True)
     init = str(latest_in_run(recipe.model.init))
     if isinstance(config, DiTConfig):
-        from pixart_cli.checkpoints.init_from_dit import read_dit
-
         weights, source_config = read_dit(init, num_heads=config.num_heads)
         if source_config.num_classes != config.num_classes:
             raise PixartError(
                 f"model.init: {init} has {source_config.num_classes} classes, the recipe {config.num_classes}"
             )
         return InitialWeights(weights, [], f"DiT weights from {init}", False, source_config.prediction_type)
-    from pixart_cli.checkpoints.convert import detect_format, read_any
 
     fmt = detect_format(init)  # read once: for a .pth file it means loading the whole file
     from_dit = fmt == "dit" or (fmt == "pixart" and isinstance(read_config(init)[0], DiTConfig))
     if from_dit:
         # Stage 2 straight from a stage-1 DiT: what `pixart init-from-dit` would write, done here.
-        from pixart_cli.checkpoints.init_from_dit import read_dit, reparameterise
 
         dit, dit_config = read_dit(init, num_heads=config.num_heads)
         weights, _ = reparameterise(

@@ -50,10 +50,12 @@ def test_prepare_reports_a_missing_dataset_before_missing_options(tmp_path):
     assert result.exit_code == 2
     assert result.output.startswith("error:") and "no such dataset" in result.output, result.output
     assert "--vae" not in result.output
-    from pixart_cli.data.cache import prepare
+    from pixart_cli.data.cache import PrepareSettings, prepare
 
-    with pytest.raises(PixartError, match="no such dataset"):  # the library checks in the same order
-        prepare(tmp_path / "no-such-dir", tmp_path / "cache", t5=None, vae="none", resolution=0, batch_size=0)
+    with pytest.raises(PixartError, match="must be positive"):  # the library's settings are checked when built
+        PrepareSettings(resolution=0, batch_size=0)
+    with pytest.raises(PixartError, match="no such dataset"):  # then the dataset, before anything is written
+        prepare(tmp_path / "no-such-dir", tmp_path / "cache", PrepareSettings(resolution=16), t5=None, vae="none")
     assert not (tmp_path / "cache").exists()
 
 

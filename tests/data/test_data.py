@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 from pixart_cli.cli import app
 from pixart_cli.components.autoencoders import VAE, PixelSpace, draw_latents
 from pixart_cli.data.buckets import BucketBatchSampler, Buckets, make_bucket_table, official_bucket_table
-from pixart_cli.data.cache import PrepareProgress, prepare
+from pixart_cli.data.cache import PrepareProgress, PrepareSettings, prepare
 from pixart_cli.data.loader import (
     CachedDataset,
     LoaderBatches,
@@ -269,10 +270,11 @@ def test_resize_and_centre_crop_geometry():
 
 
 def test_bucket_tables():
-    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as diffusers_tables
 
-    assert official_bucket_table(512) == {k: (int(h), int(w)) for k, (h, w) in ASPECT_RATIO_512_BIN.items()}
-    for base in (256, 512):  # the official smaller tables are the 1024 table scaled and rounded to 16
+    for base in (256, 512, 1024):  # ours (the 1024 table, scaled for 256 and 512) are diffusers', key order included
+        official = getattr(diffusers_tables, f"ASPECT_RATIO_{base}_BIN")
+        assert list(official_bucket_table(base).items()) == [(k, (int(h), int(w))) for k, (h, w) in official.items()]
         assert make_bucket_table(base, 16) == official_bucket_table(base)
     small = make_bucket_table(32, 16)
     assert (
@@ -396,7 +398,8 @@ def test_cache_round_trip_with_t5_and_vae(tmp_path, tiny_models):
 
     t5, vae = tiny_models
     data = caption_folder(tmp_path / "data")
-    report = prepare(data, tmp_path / "cache", t5=t5, vae=vae, resolution=32, multi_scale=True, batch_size=2)
+    settings = PrepareSettings(resolution=32, multi_scale=True, batch_size=2)
+    report = prepare(data, tmp_path / "cache", settings, t5=t5, vae=vae)
     assert report.items == 6 and not report.bad_images and report.resumed_shards == 0
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
     assert index["text_encoder"] == str(Path(t5).resolve()) and index["vae"] == str(Path(vae).resolve())
@@ -423,10 +426,10 @@ def test_cache_round_trip_with_t5_and_vae(tmp_path, tiny_models):
         assert item["caption"].shape == (120, 16) and not item["caption"][~real].any()
         assert item["aspect_ratio"].item() == pytest.approx(height / width)
     # A finished cache is left alone by a rerun with the same settings, and refused with different ones.
-    again = prepare(data, tmp_path / "cache", t5=t5, vae=vae, resolution=32, multi_scale=True)
+    again = prepare(data, tmp_path / "cache", PrepareSettings(resolution=32, multi_scale=True), t5=t5, vae=vae)
     assert again.resumed_shards == again.shards and again.items == 6
     with pytest.raises(PixartError, match=r"other settings \(resolution: 32 → 64"):
-        prepare(data, tmp_path / "cache", t5=t5, vae=vae, resolution=64, multi_scale=True)
+        prepare(data, tmp_path / "cache", PrepareSettings(resolution=64, multi_scale=True), t5=t5, vae=vae)
 
 
 def _record_of(cache: Path, item: int) -> int:
@@ -437,7 +440,7 @@ def _record_of(cache: Path, item: int) -> int:
 
 def test_pixel_space_class_tree_cache_and_loader(tmp_path):
     root = class_tree(tmp_path / "classes", per_class=4)
-    report = prepare(root, tmp_path / "cache", t5=None, vae="none", resolution=16, shard_size=5)
+    report = prepare(root, tmp_path / "cache", PrepareSettings(resolution=16, shard_size=5), t5=None, vae="none")
     assert report.items == 12 and report.shards == 3
     dataset = CachedDataset(tmp_path / "cache")
     assert dataset.class_names == ["apple", "mango", "zebra"] and dataset.conditioning == "label"
@@ -460,7 +463,8 @@ def test_pixel_space_class_tree_cache_and_loader(tmp_path):
 
 def test_collate_samples_latents_per_step(tmp_path, tiny_models):
     data = caption_folder(tmp_path / "data", sizes=((32, 32),) * 4)
-    prepare(data, tmp_path / "cache", t5=tiny_models[0], vae=tiny_models[1], resolution=32, batch_size=4)
+    settings = PrepareSettings(resolution=32, batch_size=4)
+    prepare(data, tmp_path / "cache", settings, t5=tiny_models[0], vae=tiny_models[1])
     dataset = CachedDataset(tmp_path / "cache")
     items = [dataset[i] for i in range(4)]
     a = collate(items, step_generator(5, 10))
@@ -488,8 +492,8 @@ def test_collate_samples_latents_per_step(tmp_path, tiny_models):
 def test_prepare_resumes_after_interruption(tmp_path, tiny_models):
     t5, vae = tiny_models
     data = caption_folder(tmp_path / "data")
-    settings = {"t5": t5, "vae": vae, "resolution": 32, "shard_size": 2, "batch_size": 1}
-    reference = prepare(data, tmp_path / "reference", num_workers=2, **settings)  # worker count changes nothing
+    settings, encoders = PrepareSettings(resolution=32, shard_size=2, batch_size=1), {"t5": t5, "vae": vae}
+    reference = prepare(data, tmp_path / "reference", replace(settings, num_workers=2), **encoders)  # no change
     assert reference.shards == 3
 
     def interrupt(p: PrepareProgress) -> None:
@@ -497,7 +501,7 @@ def test_prepare_resumes_after_interruption(tmp_path, tiny_models):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        prepare(data, tmp_path / "cache", progress=interrupt, **settings)
+        prepare(data, tmp_path / "cache", settings, progress=interrupt, **encoders)
     shards = tmp_path / "cache" / "shards"
     assert sorted(p.name for p in shards.iterdir()) == ["00000", "00001"]
     assert not (tmp_path / "cache" / "index.json").exists()
@@ -506,7 +510,7 @@ def test_prepare_resumes_after_interruption(tmp_path, tiny_models):
     stamps = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
     (shards / ".00002.tmp-999999999-0badc0de").mkdir()  # what a kill -9 mid-shard leaves behind
     seen: list[PrepareProgress] = []
-    report = prepare(data, tmp_path / "cache", progress=seen.append, **settings)
+    report = prepare(data, tmp_path / "cache", settings, progress=seen.append, **encoders)
     assert report.resumed_shards == 2 and report.items == 6
     assert seen[0].shards_done == 2 and seen[-1].shards_done == 3
     assert {p: shards.joinpath(p).stat().st_mtime_ns for p in stamps} == stamps  # finished shards not redone
@@ -517,7 +521,7 @@ def test_prepare_resumes_after_interruption(tmp_path, tiny_models):
         assert np.array_equal(ours[name], theirs[name]), name
     with pytest.raises(PixartError, match="unfinished cache made with other settings"):
         (tmp_path / "cache" / "index.json").unlink()
-        prepare(data, tmp_path / "cache", **{**settings, "shard_size": 3})
+        prepare(data, tmp_path / "cache", replace(settings, shard_size=3), **encoders)
 
 
 def test_prepare_skips_and_counts_bad_images(tmp_path):
@@ -525,12 +529,11 @@ def test_prepare_skips_and_counts_bad_images(tmp_path):
     (root / "apple" / "zero.png").write_bytes(b"")
     bomb_png(root / "mango" / "bomb.png")
     with pytest.raises(PixartError, match=r"2 of 32 images are unreadable, more than 1\.0%"):
-        prepare(root, tmp_path / "strict", t5=None, vae="none", resolution=16)
-    report = prepare(root, tmp_path / "cache", t5=None, vae="none", resolution=16, max_bad_fraction=0.1)
+        prepare(root, tmp_path / "strict", PrepareSettings(resolution=16), t5=None, vae="none")
+    lenient = PrepareSettings(resolution=16, max_bad_fraction=0.1)
+    report = prepare(root, tmp_path / "cache", lenient, t5=None, vae="none")
     assert report.items == 30 and sorted(b.path.name for b in report.bad_images) == ["bomb.png", "zero.png"]
-    multi = prepare(
-        root, tmp_path / "multi", t5=None, vae="none", resolution=16, multi_scale=True, max_bad_fraction=0.1
-    )
+    multi = prepare(root, tmp_path / "multi", replace(lenient, multi_scale=True), t5=None, vae="none")
     assert multi.items == 30 and len(multi.bad_images) == 2  # found by the header pass
     index = json.loads((tmp_path / "multi" / "index.json").read_text())
     assert index["counts"]["bad_images"] == 2

@@ -415,6 +415,7 @@ def test_coco_fid_with_a_fake_generator(tmp_path, coco, extractor):
 def test_coco_fid_with_a_tiny_pixart_through_the_sampling_path(tmp_path, coco, extractor, tiny_t5, tiny_vae):
     from pixart_cli.models import PixArtConfig
     from pixart_cli.sampling.pipeline import Pipeline
+    from pixart_cli.sampling.settings import SampleSettings
     from pixart_cli.tiny import make_tiny_pixart
 
     config = PixArtConfig(depth=1, hidden_size=32, num_heads=2, patch_size=2, input_size=4, caption_channels=32)
@@ -425,7 +426,7 @@ def test_coco_fid_with_a_tiny_pixart_through_the_sampling_path(tmp_path, coco, e
         loads.append(1)
         return Pipeline.from_pretrained(model, device="cpu")
 
-    maker = pipeline_maker(load, steps=2, cfg=2.0, batch_size=3)
+    maker = pipeline_maker(load, SampleSettings(steps=2, cfg=2.0, batch_size=3))
     settings = {"model": str(model), "steps": 2, "cfg": 2.0}
     report = fid.coco_fid(coco, tmp_path / "run", extractor, maker, generation=settings, num=24, limit=4, size=32)
     with Image.open(tmp_path / "run" / "images" / "000000.png") as image:

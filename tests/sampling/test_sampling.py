@@ -27,6 +27,7 @@ from pixart_cli.errors import PixartError
 from pixart_cli.models import PixArtConfig
 from pixart_cli.sampling.guidance import classifier_free_guidance, sample_latents, seeded_noise
 from pixart_cli.sampling.pipeline import Pipeline
+from pixart_cli.sampling.settings import SampleSettings
 from pixart_cli.sampling.size import resolve_size
 from pixart_cli.sampling.solvers import SAMPLERS, make_scheduler, sample
 from pixart_cli.tiny import make_tiny_pixart, make_tiny_t5, make_tiny_vae
@@ -422,11 +423,15 @@ def test_offload_frees_the_text_encoder_and_changes_nothing(models):
 
 def test_prompt_completion_feeds_the_completed_caption_per_image(models, tmp_path):
     """A completing pipeline makes exactly the image of its completed caption, seeded per image, and records it."""
+    from pixart_cli.sampling.pipeline import check_prompt_completion
     from pixart_cli.sampling.writer import write_samples
 
-    assert Pipeline.from_pretrained(models["embedding"], device="cpu").prompt_completion is None  # not a shapes T5
+    assert Pipeline.from_pretrained(models["embedding"], device="cpu").prompt_completion is None  # records none
     with pytest.raises(PixartError, match="prompt completion knows only the ShapesWorld"):
         Pipeline.from_pretrained(models["embedding"], device="cpu", complete_prompts=True)
+    for model in (models["diffusers"], models["embedding"]):  # a diffusers pipeline never completes
+        with pytest.raises(PixartError, match="prompt completion knows only the ShapesWorld"):
+            check_prompt_completion(model)
     plain = Pipeline.from_pretrained(models["embedding"], device="cpu")
     completing = Pipeline.from_pretrained(models["embedding"], device="cpu")
     completing.prompt_completion = lambda prompt, seed: f"{prompt} number {seed}"
@@ -434,9 +439,85 @@ def test_prompt_completion_feeds_the_completed_caption_per_image(models, tmp_pat
     expected = [plain(f"{p} number {seed}", steps=4, seed=seed)[0] for p in PROMPTS for seed in (7, 8)]
     assert np.abs(got - _array(expected)).max() <= 1  # batches differ: rounding, as in the per-image seed test
     assert np.abs(got - _array(plain(PROMPTS, num_images_per_prompt=2, steps=4, seed=7))).max() > 10
-    write_samples(completing, PROMPTS[:1], tmp_path, num_images_per_prompt=2, seed=7, steps=2)
+    write_samples(completing, PROMPTS[:1], tmp_path, SampleSettings(num_images_per_prompt=2, seed=7, steps=2))
     records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["caption"]) for r in records] == [(PROMPTS[0], f"{PROMPTS[0]} number {s}") for s in (7, 8)]
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"sampler": "euler"}, "unknown sampler 'euler'; choose one of: dpm-solver, sa-solver, ddim, iddpm"),
+        ({"steps": 0}, "--steps must be positive, got 0"),
+        ({"steps": 1001}, "--steps can be at most 1000 (the training schedule's timesteps), got 1001"),
+        ({"cfg": -1.0}, "--cfg must be a non-negative number, got -1.0"),
+        ({"cfg": float("nan")}, "--cfg must be a non-negative number, got nan"),
+        ({"batch_size": 0}, "--batch-size must be positive, got 0"),
+        ({"num_images_per_prompt": 0}, "number of images per prompt must be positive, got 0"),
+        ({"seed": 2**64}, f"--seed must be in [-2^63, 2^64 - 1], got {2**64}"),
+        ({"seed": 2**64 - 2, "num_images_per_prompt": 3}, f"--seed must be in [-2^63, 2^64 - 3], got {2**64 - 2}"),
+        ({"seed": -(2**63) - 1}, f"--seed must be in [-2^63, 2^64 - 1], got {-(2**63) - 1}"),
+    ],
+)
+def test_sample_settings_refuse_bad_values(given, message):
+    with pytest.raises(PixartError) as caught:
+        SampleSettings(**given)
+    assert str(caught.value) == message
+
+
+def test_sample_settings_resolve_steps_and_make_the_jobs():
+    assert SampleSettings().steps == 20 and SampleSettings(sampler="iddpm").steps == 100  # recorded concretely
+    assert SampleSettings(sampler="ddim", steps=7).steps == 7
+    settings = SampleSettings(seed=5, num_images_per_prompt=2)
+    assert [(j.prompt_index, j.prompt, j.seed) for j in settings.jobs(["a", "b"])] == [
+        (0, "a", 5), (0, "a", 6), (1, "b", 5), (1, "b", 6),
+    ]  # fmt: skip
+    with pytest.raises(PixartError, match=r"^no prompts given$"):
+        settings.jobs([])
+    with pytest.raises(PixartError) as caught:
+        settings.check_image_count(500_001)
+    assert str(caught.value) == "a run makes at most 1,000,000 images; 500,001 prompt(s) × 2 images is 1,000,002"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.steps = 3  # type: ignore[misc]
+
+
+def test_write_samples_records_the_settings_as_given(models, tmp_path):
+    """The manifest and each PNG hold the settings object's values under the keys earlier versions wrote (so
+    their folders resume), and the images are those ``Pipeline.__call__`` makes with the same settings."""
+    from PIL import Image
+
+    from pixart_cli.sampling.writer import write_samples
+
+    settings = SampleSettings(
+        sampler="ddim", steps=2, cfg=3.0, seed=4, num_images_per_prompt=2, batch_size=3, negative_prompt="blurry"
+    )
+    pipeline = Pipeline.from_pretrained(models["embedding"], device="cpu")
+    report = write_samples(pipeline, PROMPTS[:1], tmp_path, settings)
+    records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert records == [
+        {
+            "file": f"p00000-s{seed}.png",
+            "prompt_index": 0,
+            "prompt": PROMPTS[0],
+            "seed": seed,
+            "sampler": "ddim",
+            "steps": 2,
+            "cfg": 3.0,
+            "negative_prompt": "blurry",
+            "height": 64,
+            "width": 64,
+            "model": str(models["embedding"]),
+        }
+        for seed in (4, 5)
+    ]
+    assert list(records[0]) == ["file", "prompt_index", "prompt", "seed", *settings.record((64, 64), "m")]
+    for path, record in zip(report.written, records, strict=True):
+        with Image.open(path) as image:
+            assert json.loads(image.info["pixart"]) == record
+    made = pipeline(PROMPTS[:1], **dataclasses.asdict(settings))
+    assert np.array_equal(_array(Image.open(p) for p in report.written), _array(made))
+    again = write_samples(pipeline, PROMPTS[:1], tmp_path, settings)  # resumes: the records match
+    assert not again.written and len(again.skipped) == 2
 
 
 def test_pixel_space_model(tmp_path, tiny_t5):
@@ -663,19 +744,71 @@ def test_cli_bad_input_fails_cleanly(case, models, tmp_path, tiny_vae, monkeypat
     assert not out.exists()
 
 
-def test_cli_refuses_a_size_beyond_the_demo_model_before_creating_anything(tmp_path, monkeypatch):
-    """Issue #24: `pixart sample "a red circle" --width 100000` on the demo tried to allocate ~120 GB."""
+def _shapes_model(directory: Path, prompt_completion: str | None, **config: object) -> Path:
+    """A random pixel-space PixArt (16 px, 4×4 patches) reading builtin:shapes-t5, recording ``prompt_completion``."""
+    from pixart_cli.checkpoints.format import save_checkpoint
+
+    shape = dict(depth=1, hidden_size=48, num_heads=2, patch_size=4, input_size=16, in_channels=3, max_length=16)
+    model = PixArtConfig(**{**shape, "caption_channels": 64, **config})
+    path = make_tiny_pixart(directory, model, text_encoder="builtin:shapes-t5", vae="none")
+    checkpoint = load_checkpoint(path)
+    checkpoint.meta = dataclasses.replace(checkpoint.meta, prompt_completion=prompt_completion)
+    return save_checkpoint(checkpoint, path, overwrite=True)
+
+
+def test_cli_refuses_a_size_beyond_the_model_before_creating_anything(tmp_path, monkeypatch):
+    """Issue #24: `pixart sample "a red circle" --width 100000` on the demo tried to allocate ~120 GB. The demo is
+    multi-scale and now snaps any size into its buckets (test_sampling_snaps_to_the_buckets_training_used); a
+    single-scale model that completes prompts, as the demo does, refuses it with one line."""
     monkeypatch.setattr("pixart_cli.sampling.pipeline.seeded_noise", _no_sampling)
+    model = _shapes_model(tmp_path / "model", "shapesworld")
     out = tmp_path / "x"
-    result = _sample("a red circle", "--width", "100000", "-o", str(out), "--device", "cpu")
+    result = _sample("a red circle", "-m", str(model), "--width", "100000", "-o", str(out), "--device", "cpu")
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
-        "error: image size 100000×100000 is 625,000,000 patches, over this model's limit of 4,096 "
-        "(16 × its trained 16×16 grid; 256×256 for a square)"
+        "error: image size 100000×100000 is 625,000,000 patches, over this model's limit of 256 "
+        "(16 × its trained 4×4 grid; 64×64 for a square)"
     ]
     assert "Traceback" not in result.output and not out.exists()
     assert result.stderr.strip().splitlines() == errors  # the only line: not even the prompt-completion note
+
+
+def test_sampling_snaps_to_the_buckets_training_used(caplog):
+    """One bucket rule (pixart_cli.data.buckets) for training data and sampling: a multi-scale model samples at
+    the buckets its images were resized to, at official base sizes (diffusers' tables) and at others (the
+    ShapesWorld demo's 64 px, whose sizes were not snapped before)."""
+    import itertools
+
+    from pixart_cli.checkpoints.format import read_config
+    from pixart_cli.components.resolve import resolve_builtin
+    from pixart_cli.data.buckets import Buckets, official_bucket_table
+    from pixart_cli.shapesworld.demo import SHAPES_DEMO
+    from pixart_cli.training.recipe import load_recipe
+
+    recipe, _ = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "shapes" / "stage3.yaml")
+    config = read_config(resolve_builtin(SHAPES_DEMO))[0]  # the end of that recipe's run
+    assert (config.input_size, config.patch_size, config.multi_scale) == (recipe.data.resolution, 4, True)
+    trained = Buckets.for_resolution(recipe.data.resolution, True, config.patch_size)  # as training.batches does
+    for width, height in recipe.data.shapes.resolution:  # the scenes' own sizes are buckets: drawn as asked
+        assert resolve_size(config, 1, height, width) == (height, width) == trained.nearest(height, width)
+    for height, width in itertools.product(range(8, 400, 12), repeat=2):
+        assert resolve_size(config, 1, height, width) == trained.nearest(height, width)
+    with caplog.at_level(logging.WARNING, logger="pixart_cli"):
+        assert resolve_size(config, 1, 64, 96) == (52, 76)  # h/w 0.67: the 0.68 bucket, not 96×64
+    assert "size 96×64 snapped to 76×52 (width×height)" in caplog.text
+    assert resolve_size(config, 1, 100000, 100000) == (64, 64)  # issue #24's size stays inside the buckets
+
+    official = dataclasses.replace(TINY, hidden_size=48, input_size=128, multi_scale=True)  # 1024 px
+    table = Buckets.from_table(official_bucket_table(1024))
+    for height, width in itertools.product(range(64, 3000, 96), repeat=2):
+        assert resolve_size(official, 8, height, width) == table.nearest(height, width)
+    # 256 px with 4-pixel patches: the official table's 16-px sides do not fit 8 × 4; training made its own.
+    coarse = dataclasses.replace(TINY, hidden_size=48, input_size=32, patch_size=4, multi_scale=True)
+    generated = Buckets.for_resolution(256, True, 32)
+    assert generated != Buckets.from_table(official_bucket_table(256))
+    for height, width in itertools.product(range(64, 1000, 40), repeat=2):
+        assert resolve_size(coarse, 8, height, width) == generated.nearest(height, width)
 
 
 def test_size_limit_is_relative_to_the_trained_grid():

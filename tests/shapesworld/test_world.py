@@ -489,8 +489,8 @@ def test_scores_separate_the_failure_modes():
 
 
 def test_autoencoder_script_writes_a_vae_the_pipeline_reads(tmp_path):
-    """scripts/shapes_autoencoder.py: two steps of a tiny AutoencoderKL, scored by the detector, saved so that
-    `data.vae` can name it (scaling factor set from its latents)."""
+    """experiments/shapesworld/shapes_autoencoder.py: two steps of a tiny AutoencoderKL, scored by the detector,
+    saved so that `data.vae` can name it (scaling factor set from its latents)."""
     script = Path(__file__).resolve().parents[2] / "experiments" / "shapesworld" / "shapes_autoencoder.py"
     args = ["-o", str(tmp_path / "vae"), "--steps", "2", "--eval-every", "2", "--eval-scenes", "6", "--width", "8"]
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)

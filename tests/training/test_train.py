@@ -36,7 +36,7 @@ TINY_MODEL = (
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """ShapesWorld data in both formats, a tiny T5 trained on its captions, and a prepared feature cache."""
-    from pixart_cli.data.cache import prepare
+    from pixart_cli.data.cache import PrepareSettings, prepare
     from pixart_cli.shapesworld.dataset import write_dataset
     from pixart_cli.shapesworld.prompts import caption
     from pixart_cli.shapesworld.world import sample_scene
@@ -50,10 +50,9 @@ def world(tmp_path_factory):
     prepare(
         root / "captions" / "manifest.jsonl",
         root / "cache",
+        PrepareSettings(resolution=32, max_length=32),
         t5=str(root / "t5"),
         vae="none",
-        resolution=32,
-        max_length=32,
     )
     return root
 
@@ -291,6 +290,8 @@ def test_shapes_recipes_chain_on_a_fresh_machine(tmp_path):
     train("3", f"{{{pixart}, input_size: 64, interpolation_scale: 2.0}}", f"model.init={tmp_path / 's2'}")
     final = load_checkpoint(tmp_path / "s3" / "checkpoints" / "step-0000003")
     assert final.config.multi_scale and final.config.input_size == 64
+    assert final.meta.prompt_completion == "shapesworld"  # samples complete prompts, as the demo does
+    assert load_checkpoint(tmp_path / "s1" / "checkpoints" / "step-0000003").meta.prompt_completion is None
     sizes = {(r["width"], r["height"]) for r in map(json.loads, (tmp_path / "data3" / "manifest.jsonl").open())}
     assert len(sizes) > 1
 
@@ -339,7 +340,7 @@ def test_missing_data_and_unwritable_output(world, tmp_path):
         ["train", shapes, "--set", "data.shapes.resolution=[]", "--set", f"data.path={data / 'manifest.jsonl'}",
          "--set", f"output.dir={tmp_path / 's3'}", "--set", "model.init=null", "--set", "train.mixed_precision=fp32"],
     )  # fmt: skip
-    one_line_error(result, "data.shapes: resolution: an empty list of sizes")
+    one_line_error(result, "data.shapes.resolution: an empty list of sizes")
     assert not data.exists()
 
 
@@ -381,6 +382,56 @@ def test_every_rank_may_check_the_output_dir_at_once(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _: ensure_output_dir(tmp_path / "run"), range(400)))
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_a_bad_shapes_section_is_one_error_naming_the_key_even_when_the_data_exists(tmp_path):
+    """data.shapes is checked when the recipe loads: a typo no longer passes because the scenes were made already."""
+    data = tmp_path / "scenes"
+    data.mkdir()
+    (data / "manifest.jsonl").write_text("")
+    quick = str(ROOT / "recipes" / "shapes" / "quick.yaml")
+    base = [quick, "--set", f"data.path={data / 'manifest.jsonl'}", "--set", f"output.dir={tmp_path / 'run'}"]
+    for extra, message in (
+        ("data.shapes.caption_styl=sparse", "data.shapes.caption_styl: unknown key (expected one of: n, resolution,"),
+        ("data.shapes.caption_style=spares", "data.shapes.caption_style: must be one of 'dense'"),
+        ("data.shapes.objects=4", "data.shapes: objects must be between 1 and 3"),
+        ("data.shapes.resolution=[[64, 64], [80]]", "data.shapes.resolution: list [[64, 64], [80]] matches no"),
+    ):
+        for dry_run in (["--dry-run"], []):
+            one_line_error(runner.invoke(app, ["train", *base, "--set", extra, *dry_run]), message)
+    assert [f.name for f in data.iterdir()] == ["manifest.jsonl"] and not (tmp_path / "run").exists()
+
+
+def test_the_shapes_section_is_typed_and_saved_as_the_plain_mapping_it_was():
+    """recipe.yaml keeps data.shapes a plain YAML mapping (sizes as lists); a run saved while it was an untyped
+    mapping (only the keys the recipe gave) resumes without the filled-in defaults counting as changes."""
+    from pixart_cli.training.recipe import ShapesSection, resume_changes
+
+    for name in ("quick", "stage1", "stage3"):
+        path = ROOT / "recipes" / "shapes" / f"{name}.yaml"
+        recipe, resolved = load_recipe(path)
+        given = yaml.safe_load(path.read_text())["data"]["shapes"]
+        assert isinstance(recipe.data.shapes, ShapesSection)
+        saved = resolved["data"]["shapes"]
+        assert {k: saved[k] for k in given} == given and saved.keys() >= {"objects", "caption_style", "workers"}
+        assert yaml.safe_load(yaml.safe_dump(resolved)) == resolved  # no tuples: safe_dump writes it
+        before = {**resolved, "data": {**resolved["data"], "shapes": given}}  # recipe.yaml of an earlier version
+        assert resume_changes(before, resolved) == ([], [])
+    recipe, resolved = load_recipe(ROOT / "recipes" / "shapes" / "stage3.yaml")
+    assert recipe.data.shapes.resolution[1] == (80, 48) and resolved["data"]["shapes"]["resolution"][1] == [80, 48]
+    _, changed = load_recipe(ROOT / "recipes" / "shapes" / "stage3.yaml", ["data.shapes.seed=5"])
+    assert resume_changes(resolved, changed)[0] == ["data.shapes.seed: 2 → 5"]
+
+
+def test_checkpoints_of_shapesworld_captions_record_prompt_completion():
+    """A PixArt trained on generated ShapesWorld data (data.shapes) completes prompts like the demo; the class-
+    conditional DiT and real-data recipes record none."""
+    shapes = ROOT / "recipes" / "shapes"
+    for name in ("quick", "stage2", "stage3", "demo-prompts"):
+        assert load_recipe(shapes / f"{name}.yaml")[0].prompt_completion() == "shapesworld", name
+    assert load_recipe(shapes / "stage1.yaml")[0].prompt_completion() is None
+    assert load_recipe(ROOT / "recipes" / "stage2.yaml")[0].prompt_completion() is None
+    assert load_recipe(shapes / "stage2.yaml", ["data.shapes=null"])[0].prompt_completion() is None
 
 
 def test_only_the_main_process_generates_a_missing_shapes_dataset(tmp_path):

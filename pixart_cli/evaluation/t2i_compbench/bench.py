@@ -20,7 +20,7 @@ import numpy as np
 
 from pixart_cli.errors import PixartError
 from pixart_cli.evaluation import Progress, no_progress
-from pixart_cli.evaluation.generate import ImageMaker, Shard, generate_images
+from pixart_cli.evaluation.generate import SETTINGS_FILE, ImageMaker, Shard, generate_images
 from pixart_cli.evaluation.t2i_compbench.layout import (
     CATEGORIES,
     EVALUATORS,
@@ -215,8 +215,6 @@ def evaluate_compbench(
 
 
 def _recorded_generation(out: Path) -> dict | None:
-    from pixart_cli.evaluation.generate import SETTINGS_FILE
-
     try:
         return json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):

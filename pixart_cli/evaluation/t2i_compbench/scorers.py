@@ -147,7 +147,10 @@ class ClipScorer:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu") -> ClipScorer:
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import (  # lazy: transformers adds ~4 s to start-up (docs/reference.md §8)
+            CLIPModel,
+            CLIPProcessor,
+        )
 
         path, model, processor = _load_model_and_processor(directory, "--clip", "CLIP model", CLIPModel, CLIPProcessor)
         return cls(model, processor, device=device, source=str(path))
@@ -207,7 +210,10 @@ class BlipVqaScorer:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu") -> BlipVqaScorer:
-        from transformers import BlipForQuestionAnswering, BlipProcessor
+        from transformers import (  # lazy: transformers adds ~4 s to start-up (docs/reference.md §8)
+            BlipForQuestionAnswering,
+            BlipProcessor,
+        )
 
         path, model, processor = _load_model_and_processor(
             directory, "--blip", "BLIP VQA model", BlipForQuestionAnswering, BlipProcessor
@@ -305,7 +311,7 @@ class DetectorScorer:
     def from_pretrained(
         cls, directory: str | os.PathLike, *, threshold: float = 0.3, device: torch.device | str = "cpu"
     ) -> DetectorScorer:
-        from transformers import (
+        from transformers import (  # lazy: transformers adds ~4 s to start-up (docs/reference.md §8)
             AutoConfig,
             AutoModelForObjectDetection,
             AutoModelForZeroShotObjectDetection,
