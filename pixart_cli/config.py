@@ -13,6 +13,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
@@ -163,3 +164,22 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = child
         node[parts[-1]] = value
     return data
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (a recipe, a settings file); one ``PixartError`` line for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise PixartError(f"{path}: no such {what} file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PixartError(f"{path}: cannot read the {what} ({getattr(exc, 'strerror', None) or exc.reason})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
+        raise PixartError(f"{path}: invalid YAML{where} ({problem})") from None
+    if not isinstance(raw, dict):
+        raise PixartError(f"{path}: a {what} must be a mapping of keys to values")
+    return raw

@@ -191,7 +191,7 @@ def make_tiny_llava(
 
     ``initializer_range`` is large so that random weights still make each image's caption differ.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # lazy: with transformers
     from transformers import (  # lazy: transformers adds ~4 s to start-up (docs/reference.md §8)
         CLIPImageProcessor,
         CLIPVisionConfig,

@@ -6,6 +6,13 @@ the source's own ``caption`` when it has one, and the generated caption under ``
 
     {"key": "a/0001.jpg", "path": "../data/a/0001.jpg", "caption": "alt text", "caption_vlm": "A photo of ..."}
 
+An image inside a container (a tar shard, a datasets directory or parquet file) is its container's ``path`` and its
+``member``; its key is the container's path within the dataset, then the member (the member alone for a datasets
+directory, which is the dataset itself)::
+
+    {"key": "00001.tar/000123.jpg", "path": "../shards/00001.tar", "member": "000123.jpg", "caption_vlm": "..."}
+    {"key": "train/17", "path": "../laion-subset", "member": "train/17", "caption_vlm": "..."}
+
 Work is cut into shards of ``settings.shard_size`` images in the source's order. Under ``torchrun`` /
 ``accelerate launch`` each process takes whole shards (shard s goes to rank s mod world size), so every image is
 captioned once, by one process. Captions are appended to ``<output>.parts/<shard>.jsonl.partial`` batch by batch
@@ -24,8 +31,10 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +42,7 @@ from pixart_cli.captioning.settings import CaptionSettings
 from pixart_cli.captioning.vlm import VisionLanguageModel, model_path, resolve_dtype
 from pixart_cli.data.sources import Record, SourceKind, read_source
 from pixart_cli.data.transforms import BadImage, load_image
+from pixart_cli.distributed import Dist
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_file, exclusive_output, fault_point
 
@@ -61,30 +71,6 @@ class CaptionReport:
     processes: int = 1
 
 
-@dataclass(frozen=True)
-class Dist:
-    """This process's place among the processes launched together (``torchrun``/``accelerate launch`` set it)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_environment(cls) -> Dist:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-
-    def barrier(self) -> None:
-        if self.world == 1:
-            return
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")  # CPU-only sync: no tensors travel, any launch works
-        torch.distributed.barrier()
-
-    def close(self) -> None:
-        """Leave the process group (a group left open aborts the interpreter at exit)."""
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
 def settings_path(output: Path) -> Path:
     return output.with_name(output.name + ".settings.json")
 
@@ -94,10 +80,14 @@ def parts_dir(output: Path) -> Path:
 
 
 def _key(record: Record, root: Path) -> str:
+    """The image's name within the dataset: unique, and the same in every run over the same data."""
     try:
-        return record.path.relative_to(root).as_posix()
+        key = record.path.relative_to(root).as_posix()
     except ValueError:  # a manifest line naming an image outside the manifest's folder
-        return record.path.as_posix()
+        key = record.path.as_posix()
+    if record.member is None:
+        return key
+    return record.member if key == "." else f"{key}/{record.member}"
 
 
 def _line(record: Record, key: str, output: Path, field_name: str, text: str) -> str:
@@ -106,6 +96,8 @@ def _line(record: Record, key: str, output: Path, field_name: str, text: str) ->
     except ValueError:  # another drive (Windows)
         path = str(record.path)
     entry = {"key": key, "path": Path(path).as_posix()}
+    if record.member is not None:
+        entry["member"] = record.member
     if record.caption:
         entry["caption"] = record.caption
     entry[field_name] = text
@@ -178,7 +170,7 @@ def caption_dataset(
         raise PixartError(f"{source.path}: class folders have no captions to keep; read it as kind 'captions'")
     root = source.path if source.path.is_dir() else source.path.parent
     records = source.records
-    device = torch.device(device)
+    device = dist.device(device)  # a bare cuda: this process's own GPU
     dtype = resolve_dtype(settings.dtype, device)
     recorded = {
         "format": FORMAT,
@@ -262,25 +254,48 @@ class _Run:
         pending = [i for i in self.shards[s] if self.keys[i] not in have]
         self._report(len(self.shards[s]) - len(pending))
         bad: list[BadImage] = []
-        with open(partial, "a", encoding="utf-8") as f:
-            for start in range(0, len(pending), self.settings.batch_size):
-                batch = pending[start : start + self.settings.batch_size]
-                loaded = {i: load_image(self.records[i].path) for i in batch}
-                good = [i for i in batch if not isinstance(loaded[i], BadImage)]
-                bad += [loaded[i] for i in batch if isinstance(loaded[i], BadImage)]
+        size = self.settings.batch_size
+        batches = [pending[k : k + size] for k in range(0, len(pending), size)]
+        # On a GPU the next batch is decoded and pre-processed in a thread while the device generates this one. On
+        # a CPU the same cores would do both: measured no faster there (benchmarks/caption.py), so no thread.
+        overlap = self.model is not None and self.model.device.type != "cpu"
+        with open(partial, "a", encoding="utf-8") as f, ThreadPoolExecutor(1) as prefetch:
+            load = prefetch.submit if overlap else _done
+            ahead = load(self._load, batches[0]) if batches else None
+            for n, batch in enumerate(batches):
+                good, batch_bad, inputs = ahead.result()
+                if n + 1 < len(batches):
+                    ahead = load(self._load, batches[n + 1])
+                bad += batch_bad
                 if good:
-                    texts = self.model.caption(
-                        [loaded[i] for i in good], self.settings.prompt, self.settings.max_new_tokens
-                    )
+                    texts = self.model.generate(inputs, self.settings.max_new_tokens)
                     f.write("".join(self._line(i, text) for i, text in zip(good, texts, strict=True)))
                     f.flush()  # what is written survives a kill
                     fault_point("after-batch", partial)
-                self._report(len(batch), len(batch) - len(good))
+                self._report(len(batch), len(batch_bad))
         _write_bad(final, bad)
         os.replace(partial, final)  # the shard is complete
 
+    def _load(self, batch: list[int]) -> tuple[list[int], list[BadImage], Any]:
+        """A batch's readable images (indices), its unreadable ones, and the processor's inputs for the former."""
+        loaded = {i: load_image(self.records[i]) for i in batch}
+        good = [i for i in batch if not isinstance(loaded[i], BadImage)]
+        bad = [image for image in loaded.values() if isinstance(image, BadImage)]
+        inputs = self.model.inputs([loaded[i] for i in good], self.settings.prompt) if good else None
+        return good, bad, inputs
+
     def _line(self, i: int, text: str) -> str:
         return _line(self.records[i], self.keys[i], self.output, self.settings.field, text)
+
+
+def _done(function: Callable[..., Any], *args: Any) -> Future:
+    """``function(*args)`` run now, as a finished future (the no-thread twin of ``ThreadPoolExecutor.submit``)."""
+    future: Future = Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as exc:  # re-raised by .result(), as a thread's would be
+        future.set_exception(exc)
+    return future
 
 
 def _bad_path(final: Path) -> Path:

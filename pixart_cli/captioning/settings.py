@@ -7,9 +7,12 @@ settings is refused instead of mixing captions of two kinds in one file.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
+from pixart_cli.config import ConfigError, from_dict, read_yaml_mapping
 from pixart_cli.errors import PixartError
 
 # PixArt-α §3.3: LLaVA auto-labels SA-1B with this prompt (arXiv 2310.00426).
@@ -58,3 +61,16 @@ class CaptionSettings:
         data = dataclasses.asdict(self)
         del data["batch_size"]
         return {**data, "decoding": "greedy"}
+
+
+def load_caption_settings(config: str | Path | None, given: Mapping[str, Any]) -> CaptionSettings:
+    """Settings from a YAML file of ``CaptionSettings`` keys (e.g. ``recipes/caption/sam-llava.yaml``), with ``given``
+    (command-line options; None: not given) over it. Errors name the key."""
+    data = read_yaml_mapping(config, "captioning settings") if config is not None else {}
+    data = {**data, **{key: value for key, value in given.items() if value is not None}}
+    if "model" not in data:
+        raise PixartError("no vision-language model: give --model (or `model:` in the --config file)")
+    try:
+        return from_dict(CaptionSettings, data)
+    except ConfigError as exc:
+        raise PixartError(f"{config}: {exc}" if config is not None else str(exc)) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -39,7 +40,7 @@ class VisionLanguageModel:
             AutoModelForImageTextToText,
             AutoProcessor,
         )
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES  # lazy: as above
 
         path, local_only = locate(str(name), "vision-language model")
         self.name = str(name)
@@ -72,17 +73,29 @@ class VisionLanguageModel:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    @torch.no_grad()
-    def caption(self, images: Sequence[Image.Image], prompt: str, max_new_tokens: int) -> list[str]:
-        """One caption per image (greedy, special tokens dropped, surrounding whitespace stripped)."""
+    def inputs(self, images: Sequence[Image.Image], prompt: str) -> Any:
+        """The processor's batch for ``images`` (left-padded), on the model's device and dtype.
+
+        CPU work only (resizing, normalising, tokenising): ``pixart caption`` runs it for the next batch in a
+        thread while the model generates the current one.
+        """
         text = self.conversation(prompt)
         inputs = self.processor(images=list(images), text=[text] * len(images), return_tensors="pt", padding=True)
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    @torch.inference_mode()
+    def generate(self, inputs: Any, max_new_tokens: int) -> list[str]:
+        """One caption per row of ``inputs`` (greedy, special tokens dropped, surrounding whitespace stripped)."""
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         new = out[:, inputs["input_ids"].shape[1] :]
         return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+    def caption(self, images: Sequence[Image.Image], prompt: str, max_new_tokens: int) -> list[str]:
+        """One caption per image: ``generate(inputs(images, prompt), max_new_tokens)``."""
+        return self.generate(self.inputs(images, prompt), max_new_tokens)
 
 
 def model_path(name: str) -> Path | None:

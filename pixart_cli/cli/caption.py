@@ -10,34 +10,53 @@ import typer
 from pixart_cli.cli.common import JsonOpt, app, console, fails_cleanly, library_logging, out, print_json
 from pixart_cli.errors import PixartError
 
+# Layouts with captions to keep (class folders have none).
+CAPTION_KINDS = ("auto", "captions", "manifest", "webdataset", "hf-dataset", "parquet")
+
 
 @app.command()
 @fails_cleanly
 def caption(
     data: Annotated[
         Path,
-        typer.Argument(help="A dataset: folder of images (+ optional .txt captions) or a .jsonl manifest."),
-    ],
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model", "-m", help="A transformers image-text-to-text model (LLaVA, Qwen2-VL, ...): directory or hub id."
+        typer.Argument(
+            help="A dataset: folder of images (+ optional .txt captions), a .jsonl manifest, tar shards (a .tar, a "
+            "folder of them or shards/{00000..00009}.tar), a datasets save_to_disk folder, or .parquet files."
         ),
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="The captions manifest to write (.jsonl).")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="A transformers image-text-to-text model (LLaVA, Qwen2-VL, ...): directory or hub id."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="A YAML file of these settings (recipes/caption/sam-llava.yaml); options win."),
+    ] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Default: the PixArt-α paper's prompt.")] = None,
-    field: Annotated[str, typer.Option("--field", help="The key the generated caption is written under.")] = (
-        "caption_vlm"
-    ),
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per generate call.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest caption, in tokens.")] = 300,
+    field: Annotated[
+        str | None,
+        typer.Option("--field", help="The key the generated caption is written under (default: caption_vlm)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", "-b", help="Images per generate call (default: 8).")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="Longest caption, in tokens (default: 300).")
+    ] = None,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")
+        str | None, typer.Option("--dtype", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")
+    ] = None,
+    kind: Annotated[
+        str,
+        typer.Option("--kind", help="Dataset layout: auto, captions, manifest, webdataset, hf-dataset or parquet."),
     ] = "auto",
-    kind: Annotated[str, typer.Option("--kind", help="Dataset layout: auto, captions or manifest.")] = "auto",
     shard_size: Annotated[
-        int, typer.Option("--shard-size", help="Images per unit of work (processes take whole shards).")
-    ] = 256,
+        int | None,
+        typer.Option("--shard-size", help="Images per unit of work (processes take whole shards; default: 256)."),
+    ] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 … (default: cuda if any).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -51,23 +70,25 @@ def caption(
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from pixart_cli.captioning.run import Progress, caption_dataset
-    from pixart_cli.captioning.settings import PAPER_PROMPT, CaptionSettings
+    from pixart_cli.captioning.settings import load_caption_settings
     from pixart_cli.cli.common import quiet_hub_libraries, resolve_device
     from pixart_cli.cli.progress import Bar
+    from pixart_cli.data.sources import is_shard_pattern
 
-    if not data.exists():
+    if not data.exists() and not is_shard_pattern(data):
         raise PixartError(f"{data}: no such dataset file or directory")
-    if kind not in ("auto", "captions", "manifest"):
-        raise PixartError(f"--kind must be auto, captions or manifest, got {kind!r}")
-    settings = CaptionSettings(
-        model=model,
-        prompt=PAPER_PROMPT if prompt is None else prompt,
-        field=field,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        dtype=dtype,  # type: ignore[arg-type]  (validated by CaptionSettings)
-        shard_size=shard_size,
-    )
+    if kind not in CAPTION_KINDS:
+        raise PixartError(f"--kind must be {', '.join(CAPTION_KINDS[:-1])} or {CAPTION_KINDS[-1]}, got {kind!r}")
+    given = {
+        "model": model,
+        "prompt": prompt,
+        "field": field,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "dtype": dtype,
+        "shard_size": shard_size,
+    }
+    settings = load_caption_settings(config, given)
     torch_device = resolve_device(device)
     quiet_hub_libraries()
     bar = Bar(

@@ -157,13 +157,17 @@ class ConsoleHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def library_logging() -> Iterator[None]:
-    """Show the library's log lines (resume notes, skipped images) on the console while the command runs."""
+def library_logging(level: int = logging.INFO) -> Iterator[None]:
+    """Show the library's log lines (resume notes, skipped images) on the console while the command runs.
+
+    ``level``: the least severe shown (``logging.ERROR`` for the processes of a launch other than the first, which
+    would repeat its lines).
+    """
     logger = logging.getLogger("pixart_cli")
-    handler = ConsoleHandler(logging.INFO)
+    handler = ConsoleHandler(level)
     previous, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     logger.propagate = False
     try:
         yield

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +30,9 @@ class Kind(str, enum.Enum):
     captions = "captions"
     manifest = "manifest"
     classes = "classes"
+    webdataset = "webdataset"
+    hf_dataset = "hf-dataset"
+    parquet = "parquet"
 
 
 class Storage(str, enum.Enum):
@@ -44,7 +48,8 @@ def prepare(
         typer.Argument(
             metavar="RECIPE_OR_DATA",
             help="A training recipe (.yaml: its data section and model say everything), or a dataset: folder of "
-            "images + .txt captions, a .jsonl manifest, or class folders.",
+            "images + .txt captions, a .jsonl manifest, class folders, tar shards (a .tar or a folder of them), a "
+            "datasets save_to_disk folder, or .parquet files.",
         ),
     ],
     output: Annotated[
@@ -78,6 +83,14 @@ def prepare(
         ),
     ] = None,
     workers: Annotated[int, typer.Option("--workers", help="Image-decoding processes (0: main process).")] = 2,
+    caption_fields: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--caption-field",
+            help="A manifest's caption field to encode (repeatable; default: caption). With a recipe: its "
+            "data.captions.",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache.")] = False,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="With a recipe: override a recipe value (repeatable).")
@@ -88,21 +101,31 @@ def prepare(
 
     Given a recipe, the dataset, cache directory, encoders, resolution, buckets and caption length come from it
     (--t5, --vae and -o still override), so `pixart train` then finds exactly the cache it expects.
+
+    Under `torchrun --nproc_per_node N -m pixart_cli prepare …` (or `accelerate launch`) the processes share the
+    shards, each on its own GPU, and write the cache one process would.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from pixart_cli.cli.progress import Bar
     from pixart_cli.data.cache import PrepareProgress, PrepareSettings
     from pixart_cli.data.cache import prepare as run_prepare
+    from pixart_cli.data.sources import is_shard_pattern
+    from pixart_cli.distributed import Dist
 
     is_recipe = data.suffix in (".yaml", ".yml")
-    if not is_recipe and not data.exists():  # the positional argument first, then the options, as they are read
+    # The positional argument first, then the options, as they are read.
+    if not is_recipe and not data.exists() and not is_shard_pattern(data):
         raise PixartError(f"{data}: no such dataset file or directory")
     storage_dtype = {"fp16": "float16", "fp32": "float32"}[storage.value]
     compute_dtype = dtype.torch if dtype else None
     # A recipe's dataset and VAE load here, outside the progress bar and the library's log lines, as they always did.
+    dist = Dist.from_environment()
     if is_recipe:
         from pixart_cli.training.prepare import recipe_cache
+
+        if caption_fields:
+            raise PixartError("--caption-field: a recipe's caption fields are its data.captions")
 
         quiet_hub_libraries()
         job = recipe_cache(
@@ -138,6 +161,7 @@ def prepare(
             keep_empty_captions=keep_empty_captions,
             max_bad_fraction=0.01 if max_bad_fraction is None else max_bad_fraction,
             num_workers=workers,
+            **({"caption_fields": tuple(caption_fields)} if caption_fields else {}),
         )
         quiet_hub_libraries()
         if output is None:
@@ -167,6 +191,10 @@ def prepare(
         info = f"shard {p.shards_done}/{p.shards_total} · {p.bad_images} bad"
         bar.update(task, completed=p.items_done + p.bad_images, total=p.items_total, info=info)
 
+    if not dist.is_main:  # the other processes of a launch: quiet but for errors; process 0 shows the whole job
+        with library_logging(logging.ERROR):
+            run(progress=None)
+        return
     with library_logging(), bar:
         report = run(progress=show)
     if as_json:

@@ -86,7 +86,10 @@ def _train(
     progress = _Progress(recipe.train.steps, recipe.global_batch(accelerator.num_processes), enabled=main)
     try:
         with library_logging():
-            source = batch_source(recipe, accelerator)  # data errors surface before the progress bar starts
+            sets = [f"--set={o}" for o in overrides]
+            prepare = shlex.join(["pixart", "prepare", str(recipe_path), *sets, "--overwrite"])
+            # Data errors surface before the progress bar starts.
+            source = batch_source(recipe, accelerator, prepare_command=prepare)
             if main:  # after the input checks: a bad input's output is one error line
                 console.print(f"precision: {precision.describe()}", style="dim", soft_wrap=True)
                 if precision.warning:

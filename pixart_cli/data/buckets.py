@@ -143,7 +143,7 @@ def assign_buckets(
         if record.width is not None and record.height is not None:
             size: tuple[int, int] | BadImage = (record.width, record.height)
         else:
-            size = image_size(record.path, max_pixels)
+            size = image_size(record, max_pixels)
         if isinstance(size, BadImage):
             bad.append(size)
             bucket_of.append(-1)

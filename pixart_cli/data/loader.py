@@ -8,6 +8,12 @@ Latents are *not* sampled in the dataset: a cached item carries the posterior (m
 official loader: docs/reference.md §4). Drawing in the training process, after the batch is on its device, keeps
 runs reproducible whatever the number of loader workers and avoids shipping random numbers between processes.
 ``collate`` can draw too, given a generator, for single-process use.
+
+Caption mixing (a recipe's ``data.captions``): each item reads one of several caption fields, chosen with the given
+proportions by ``caption_choices`` as a pure function of (seed, epoch, item index) — the same on a resumed run and
+whatever the number of loader workers or processes. The choice is made where the batch of indices is drawn
+(``make_loader``'s sampler, in the training process, which knows the epoch) and travels with each index, so a
+dataset reads (or, on the fly, encodes) only the chosen field; both datasets take such ``(index, field)`` keys.
 """
 
 from __future__ import annotations
@@ -28,14 +34,55 @@ import torch
 from pixart_cli.components.autoencoders import Autoencoder, draw_latents
 from pixart_cli.components.text import trim_padding
 from pixart_cli.data.buckets import BucketBatchSampler, Buckets, assign_buckets
-from pixart_cli.data.cache import FORMAT, INDEX, PLAN, SHARDS, VERSION
-from pixart_cli.data.sources import Record, Source
-from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, Resample, load_pixels
+from pixart_cli.data.cache import FORMAT, INDEX, PLAN, SHARDS, VERSION, caption_arrays
+from pixart_cli.data.sources import DEFAULT_CAPTION_FIELDS, Record, Source, caption_of
+from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, Resample, image_label, load_pixels
 from pixart_cli.errors import PixartError
 
 logger = logging.getLogger(__name__)
 
-_FIELDS = ("index", "latent_mean", "latent_std", "caption", "caption_mask", "label")
+_FIELDS = ("index", "latent_mean", "latent_std", "label")
+
+# (field, proportion) pairs: the caption fields items read and how often (``DataSection.caption_mix``).
+CaptionMix = Sequence[tuple[str, float]]
+# A dataset key: an item index, or (index, caption field) when the sampler chose the field.
+ItemKey = int | tuple[int, str]
+
+
+def caption_choices(seed: int, epoch: int, indices: Sequence[int], mix: CaptionMix) -> list[str]:
+    """The caption field each item of ``indices`` reads in ``epoch``, drawn with the proportions of ``mix``.
+
+    A pure function of (seed, epoch, index) — a hash, not a random stream — so a resumed run makes the same choices,
+    and so do any number of loader workers or processes (an item is read at most once an epoch, so each read of it
+    draws afresh). The fields are taken in sorted order: how the mix is written changes nothing.
+    """
+    mix = sorted(mix)
+    names = [name for name, _ in mix]
+    bounds = np.cumsum([share for _, share in mix], dtype=np.float64)
+    bounds /= bounds[-1]
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the hash intends
+        key = _mix64(np.array([seed & _U64], dtype=np.uint64)) ^ _CAPTION_STREAM
+        key = _mix64(key + np.uint64(epoch & _U64))
+        key = _mix64(key ^ np.asarray(indices, dtype=np.uint64).reshape(-1))
+    uniform = (key >> np.uint64(11)).astype(np.float64) * 2.0**-53  # 53 random bits → [0, 1)
+    chosen = np.minimum(np.searchsorted(bounds, uniform, side="right"), len(names) - 1)
+    return [names[c] for c in chosen]
+
+
+_U64 = 0xFFFFFFFFFFFFFFFF
+_CAPTION_STREAM = np.uint64(0x63617074696F6E73)  # "captions": keeps these draws apart from other uses of the seed
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection of uint64 that spreads every input bit over the output."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _key(key: ItemKey) -> tuple[int, str | None]:
+    return key if isinstance(key, tuple) else (key, None)
 
 
 def read_cache_index(cache_dir: str | os.PathLike) -> dict[str, Any]:
@@ -64,6 +111,9 @@ class CachedDataset(torch.utils.data.Dataset):
     ``caption`` (max_length, D) + ``caption_mask`` (max_length,) int64 — captions are zero-padded back to
     ``max_length`` — or ``label`` (int64), ``resolution`` (2,) = bucket (H, W) in pixels, ``aspect_ratio`` (1,)
     = H / W of the bucket size (what diffusers' pipeline passes at inference), ``index`` and ``bucket``.
+
+    Captions come from the ``caption`` field, or, for an ``(index, field)`` key (``make_loader`` with a caption
+    mix), from that field, named in the item's ``caption_field``. ``caption_fields``: the fields the cache holds.
     """
 
     def __init__(self, cache_dir: str | os.PathLike) -> None:
@@ -73,6 +123,9 @@ class CachedDataset(torch.utils.data.Dataset):
         self.max_length = self.info.get("max_length")
         self.conditioning = self.info["conditioning"]
         self.class_names = self.info.get("class_names")
+        # Caches made before caption fields were recorded hold the `caption` field alone.
+        fields = self.info.get("caption_fields", DEFAULT_CAPTION_FIELDS if self.conditioning == "caption" else [])
+        self.caption_fields: tuple[str, ...] = tuple(fields or ())
         self._shards = [s for s in self.info["shards"] if s["count"] > 0]
         counts = [s["count"] for s in self._shards]
         self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
@@ -91,7 +144,7 @@ class CachedDataset(torch.utils.data.Dataset):
         if arrays is None:
             directory = self.cache_dir / SHARDS / self._shards[s]["name"]
             arrays = {}
-            for name in _FIELDS:
+            for name in (*_FIELDS, *(name for field in self.caption_fields for name in caption_arrays(field))):
                 path = directory / f"{name}.npy"
                 if path.exists():
                     arrays[name] = np.load(path, mmap_mode="r")
@@ -100,7 +153,8 @@ class CachedDataset(torch.utils.data.Dataset):
             self._maps[s] = arrays
         return arrays
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: ItemKey) -> dict[str, Any]:
+        index, field = _key(key)
         if not 0 <= index < len(self):
             raise IndexError(f"item {index} out of range for a cache of {len(self)} items")
         s = bisect.bisect_right(self._offsets, index) - 1
@@ -118,13 +172,21 @@ class CachedDataset(torch.utils.data.Dataset):
             "index": index,
             "bucket": bucket,
         }
-        if "caption" in arrays:
-            stored = arrays["caption"][j]
+        if self.caption_fields:
+            name, mask_name = caption_arrays(field or "caption")
+            if name not in arrays:
+                raise PixartError(
+                    f"{self.cache_dir}: no caption field {field or 'caption'!r} in this cache (it holds "
+                    f"{', '.join(self.caption_fields)}); `pixart prepare` with that field makes one"
+                )
+            stored = arrays[name][j]
             caption = np.zeros((self.max_length, stored.shape[-1]), dtype=stored.dtype)
             caption[: len(stored)] = stored
             mask = np.zeros((self.max_length,), dtype=np.int64)
-            mask[: len(stored)] = arrays["caption_mask"][j]
+            mask[: len(stored)] = arrays[mask_name][j]
             item["caption"], item["caption_mask"] = torch.from_numpy(caption), torch.from_numpy(mask)
+            if field is not None:
+                item["caption_field"] = field
         else:
             item["label"] = int(arrays["label"][j])
         return item
@@ -168,13 +230,14 @@ class OnTheFlyDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: ItemKey) -> dict[str, Any]:
+        index, field = _key(key)
         bucket = self.bucket_of[index]
         height, width = self.buckets.sizes[bucket]
         tried, unreadable = index, []
         for _ in range(self.max_replacements + 1):
             record = self.records[tried]
-            pixels = load_pixels(record.path, (height, width), resample=self.resample, max_pixels=self.max_pixels)
+            pixels = load_pixels(record, (height, width), resample=self.resample, max_pixels=self.max_pixels)
             if not isinstance(pixels, BadImage):
                 break
             logger.warning("skipping unreadable image %s (%s)", pixels.path, pixels.reason)
@@ -182,7 +245,7 @@ class OnTheFlyDataset(torch.utils.data.Dataset):
             tried = self._next[tried]
         else:
             raise PixartError(
-                f"{self.records[index].path}: this and {self.max_replacements} more images are unreadable"
+                f"{image_label(self.records[index])}: this and {self.max_replacements} more images are unreadable"
             )
         item: dict[str, Any] = {
             "pixels": pixels,
@@ -192,7 +255,9 @@ class OnTheFlyDataset(torch.utils.data.Dataset):
             "bucket": bucket,
             "unreadable": unreadable,  # (path, reason) of the images this item stands in for: counted by the trainer
         }
-        if record.label is not None and record.caption is None:
+        if field is not None:  # the caption field the sampler chose (a caption mix)
+            item["caption"], item["caption_field"] = caption_of(record, field) or "", field
+        elif record.label is not None and record.caption is None:
             item["label"] = record.label
         else:
             item["caption"] = record.caption or ""
@@ -230,6 +295,19 @@ def collate(items: list[dict[str, Any]], generator: torch.Generator | None = Non
     return batch
 
 
+class CaptionMixSampler(BucketBatchSampler):
+    """A ``BucketBatchSampler`` whose batches carry each item's caption field: ``[(index, field), ...]``, the
+    fields from ``caption_choices(seed, epoch, indices, mix)``."""
+
+    def __init__(self, bucket_of: Sequence[int], batch_size: int, *, mix: CaptionMix, **kwargs: Any) -> None:
+        super().__init__(bucket_of, batch_size, **kwargs)
+        self.mix = tuple(mix)
+
+    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[list[tuple[int, str]]]:  # type: ignore[override]
+        for batch in super().iterate(epoch, start_batch):
+            yield list(zip(batch, caption_choices(self.seed, epoch, batch, self.mix), strict=True))
+
+
 def make_loader(
     dataset: CachedDataset | OnTheFlyDataset,
     batch_size: int,
@@ -242,16 +320,20 @@ def make_loader(
     pin_memory: bool | None = None,
     persistent_workers: bool | None = None,
     prefetch_factor: int | None = None,
+    captions: CaptionMix | None = None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader yielding this rank's bucketed batches (``loader.batch_sampler`` is the ``BucketBatchSampler``:
     call its ``set_epoch`` each epoch, and use its ``state_dict``/``load_state_dict`` to resume).
 
     ``pin_memory`` defaults to whether CUDA is available; ``persistent_workers`` to ``num_workers > 0`` (workers
-    and their memory maps survive across epochs).
+    and their memory maps survive across epochs). ``captions``: a caption mix, (field, proportion) pairs; each
+    item then reads the field ``caption_choices`` picks for it (None: the ``caption`` field).
     """
-    sampler = BucketBatchSampler(
-        dataset.bucket_of, batch_size, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last
-    )
+    sampler_args = {"seed": seed, "num_replicas": num_replicas, "rank": rank, "drop_last": drop_last}
+    if captions:
+        sampler: BucketBatchSampler = CaptionMixSampler(dataset.bucket_of, batch_size, mix=captions, **sampler_args)
+    else:
+        sampler = BucketBatchSampler(dataset.bucket_of, batch_size, **sampler_args)
     extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor is not None else {}
     return torch.utils.data.DataLoader(
         dataset,

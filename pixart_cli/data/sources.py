@@ -1,11 +1,22 @@
 """Datasets on disk → a list of ``Record``\\ s (image path + caption or class label).
 
-Three layouts are read:
+Six layouts are read:
 
 * ``captions``: a folder of images, each with a same-name ``.txt`` caption beside it (searched recursively);
 * ``manifest``: a JSONL file, one JSON object per line with ``path`` (relative to the manifest's folder, or absolute),
-  ``caption`` and optionally ``width``/``height`` (pixels, saves reading image headers) and ``label``;
-* ``classes``: an ImageNet-style tree ``root/<class_name>/*.jpg``; labels index the sorted class names.
+  ``caption`` and optionally ``width``/``height`` (pixels, saves reading image headers) and ``label``; ``member``
+  names an image inside a container ``path`` (a tar member, a datasets row: see below);
+* ``classes``: an ImageNet-style tree ``root/<class_name>/*.jpg``; labels index the sorted class names;
+* ``webdataset``: tar shards as img2dataset writes them, ``{key}.jpg`` with ``{key}.txt`` and/or ``{key}.json``
+  (its ``caption`` when there is no ``.txt``, and ``width``/``height``): one ``.tar``, a folder of them (sorted), or
+  a brace pattern ``shards/{00000..00009}.tar``;
+* ``hf-dataset``: a Hugging Face ``datasets`` directory written by ``save_to_disk`` (a ``DatasetDict``: its
+  ``train`` split), with an image column (the ``Image``-typed one) and a caption column (``caption``, ``text``, ...);
+* ``parquet``: one ``.parquet`` file or a folder of them, with such columns (``datasets`` writes them with
+  ``to_parquet``; img2dataset's parquet holds the bytes in ``jpg``).
+
+Records of the last three point into their container: ``path`` is the tar, the datasets directory or the parquet
+file and ``member`` the tar member or the row (``"123"``, ``"train/123"``); ``containers`` reads them.
 
 Records come out in a deterministic order (sorted paths, or manifest order) so that everything built from them
 (bucket plans, cache shards) is reproducible. Hidden files and folders (``.name``) are ignored. Symlinked folders
@@ -22,30 +33,67 @@ import codecs
 import json
 import logging
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pixart_cli.data import containers
+from pixart_cli.data.containers import PARQUET_SUFFIX, TAR_SUFFIX, image_name, is_dataset_dir
 from pixart_cli.errors import PixartError
 
 logger = logging.getLogger(__name__)
 
-SourceKind = Literal["captions", "manifest", "classes"]
-SOURCE_KINDS: tuple[str, ...] = ("captions", "manifest", "classes")
+SourceKind = Literal["captions", "manifest", "classes", "webdataset", "hf-dataset", "parquet"]
+SOURCE_KINDS: tuple[str, ...] = ("captions", "manifest", "classes", "webdataset", "hf-dataset", "parquet")
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+# The caption fields read by default: ``caption`` alone. A manifest line may hold others (``caption_vlm``).
+DEFAULT_CAPTION_FIELDS: tuple[str, ...] = ("caption",)
+# Field names end up in file names (a cache's ``caption__FIELD.npy``); a manifest's own keys are not captions.
+_FIELD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_NOT_CAPTIONS = frozenset({"path", "key", "member"})
 
 
 @dataclass(frozen=True)
 class Record:
     """One training example. ``width``/``height`` are known only when the source states them."""
 
-    path: Path
+    path: Path  # the image file; for a tar shard or a datasets directory, the file or folder holding it
     caption: str | None = None
     label: int | None = None
     width: int | None = None
     height: int | None = None
+    member: str | None = None  # where the image is inside ``path`` (a tar member, a datasets row); None: a file
+    # Other caption fields of the example by name (e.g. {"caption_vlm": ...}), for recipes that mix captions.
+    captions: dict[str, str] = field(default_factory=dict)
+
+
+def caption_of(record: Record, field: str) -> str | None:
+    """The record's caption in ``field``: ``Record.caption`` for ``caption``, else ``Record.captions[field]``."""
+    return record.caption if field == "caption" else record.captions.get(field)
+
+
+def check_caption_field(name: str) -> str:
+    """``name`` if it can be a caption field (letters, digits, ``_ . -``; not a manifest's own key), else an error."""
+    if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name) or name in _NOT_CAPTIONS:
+        not_ours = ", ".join(sorted(_NOT_CAPTIONS))
+        raise PixartError(f"{name!r} cannot be a caption field (letters, digits, _ . -; not {not_ours})")
+    return name
+
+
+class UnknownCaptionField(PixartError):
+    """A caption field asked for that no example of the dataset has; ``found`` lists the fields it does have."""
+
+    def __init__(self, path: Path, field: str, found: Sequence[str]) -> None:
+        self.path, self.field, self.found = path, field, sorted(found)
+        super().__init__(f"{path}: no example has the caption field {field!r} (fields found: {self.fields_found})")
+
+    @property
+    def fields_found(self) -> str:
+        return ", ".join(self.found) or "none"
 
 
 @dataclass
@@ -128,15 +176,34 @@ def _note_repeated(root: Path, repeated: list[Path], notes: list[str]) -> None:
 
 
 def detect_kind(path: str | os.PathLike) -> SourceKind:
-    """``manifest`` for a ``.jsonl`` file; ``classes`` for a folder whose sub-folders hold the images and that has
-    no ``.txt`` files; ``captions`` otherwise."""
+    """``manifest`` for a ``.jsonl`` file; ``webdataset`` for a ``.tar``, a brace pattern or a folder of tars (and
+    no images beside them); ``hf-dataset`` for a ``save_to_disk`` folder; ``parquet`` for a ``.parquet`` file or a
+    folder of them; ``classes`` for a folder whose sub-folders hold the images and that has no ``.txt`` files;
+    ``captions`` otherwise."""
+    if _BRACES.search(os.fspath(path)):
+        return "webdataset"
     path = Path(path)
     if not path.exists():
         raise PixartError(f"{path}: no such dataset file or directory")
     if path.is_file():
-        if path.suffix.lower() == ".jsonl":
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
             return "manifest"
-        raise PixartError(f"{path}: not a dataset (expected a folder of images or a .jsonl manifest)")
+        if suffix == TAR_SUFFIX:
+            return "webdataset"
+        if suffix == PARQUET_SUFFIX:
+            return "parquet"
+        raise PixartError(
+            f"{path}: not a dataset (expected a folder of images, a .jsonl manifest, a .tar shard or a .parquet file)"
+        )
+    if is_dataset_dir(path):
+        return "hf-dataset"
+    top = [p for p in path.iterdir() if not p.name.startswith(".")]
+    # img2dataset writes a .parquet of metadata beside each .tar: tars decide.
+    if any(p.suffix.lower() == TAR_SUFFIX and p.is_file() for p in top) and not any(map(is_image_file, top)):
+        return "webdataset"
+    if any(p.suffix.lower() == PARQUET_SUFFIX and p.is_file() for p in top) and not any(map(is_image_file, top)):
+        return "parquet"
     listing = _walk(path)
     images = listing.images
     if images and not listing.texts and all(p.parent != path for p in images):
@@ -150,24 +217,45 @@ def read_source(
     *,
     keep_empty_captions: bool = False,
     expect_captions: bool = True,
+    caption_column: str | None = None,
+    caption_fields: Sequence[str] = DEFAULT_CAPTION_FIELDS,
 ) -> Source:
     """Read a dataset of the given ``kind`` (``"auto"``: see ``detect_kind``).
 
     ``expect_captions=False`` (captioning a dataset): images without a caption are kept, without a warning.
+    ``caption_fields``: the caption fields each example needs; those other than ``caption`` (a manifest's, e.g.
+    ``caption_vlm`` from ``pixart caption``) fill ``Record.captions``. A field no example has is an
+    ``UnknownCaptionField`` error.
+    ``caption_column``: the caption column of an ``hf-dataset`` or ``parquet`` source (default: detected).
     """
     keep_empty_captions = keep_empty_captions or not expect_captions
     path = Path(path)
-    if not path.exists():
+    pattern = _BRACES.search(str(path)) is not None
+    if not pattern and not path.exists():
         raise PixartError(f"{path}: no such dataset file or directory")
     path = Path(os.path.abspath(path))  # absolute records: a resume from another working directory matches
     if kind == "auto":
         kind = detect_kind(path)
+    if pattern and kind != "webdataset":
+        raise PixartError(f"{path}: a brace pattern names tar shards (kind webdataset), not a {kind} dataset")
+    if kind != "manifest" and (other := [f for f in caption_fields if f != "caption"]):
+        raise UnknownCaptionField(path, other[0], [] if kind == "classes" else ["caption"])  # one caption each
     if kind == "manifest":
-        source = read_manifest(path, keep_empty_captions=keep_empty_captions)
+        source = read_manifest(path, keep_empty_captions=keep_empty_captions, caption_fields=caption_fields)
     elif kind == "classes":
         source = read_class_tree(path)
     elif kind == "captions":
         source = read_image_folder(path, keep_empty_captions=keep_empty_captions)
+    elif kind == "webdataset":
+        source = read_webdataset(path, keep_empty_captions=keep_empty_captions)
+    elif kind in ("hf-dataset", "parquet"):
+        source = read_arrow_dataset(
+            path,
+            kind,
+            keep_empty_captions=keep_empty_captions,
+            expect_captions=expect_captions,
+            caption_column=caption_column,
+        )
     else:
         raise PixartError(f"unknown dataset kind {kind!r} (choose from {', '.join(SOURCE_KINDS)})")
     if source.missing_captions and expect_captions:
@@ -220,10 +308,15 @@ def _read_caption(txt: Path) -> tuple[str | None, str | None]:
         data = txt.read_bytes()
     except OSError as exc:
         return None, f"caption unreadable ({txt.name}: {exc.strerror or exc})"
+    return _caption_of_bytes(txt.name, data)
+
+
+def _caption_of_bytes(name: str, data: bytes) -> tuple[str | None, str | None]:
+    """``_read_caption`` of a caption file ``name`` holding ``data``."""
     decoded = _decode_caption(data)
     if isinstance(decoded, tuple):
         reason, byte, offset = decoded
-        return None, f"{reason} ({txt.name}: byte 0x{byte:02x} at offset {offset})"
+        return None, f"{reason} ({name}: byte 0x{byte:02x} at offset {offset})"
     return _caption_or_none(decoded), None
 
 
@@ -282,8 +375,23 @@ def _text_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
         raise PixartError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
 
 
-def read_manifest(manifest: str | os.PathLike, *, keep_empty_captions: bool = False) -> Source:
-    """A JSONL manifest: ``{"path": ..., "caption": ..., "width"?: ..., "height"?: ..., "label"?: ...}``."""
+def read_manifest(
+    manifest: str | os.PathLike,
+    *,
+    keep_empty_captions: bool = False,
+    caption_fields: Sequence[str] = DEFAULT_CAPTION_FIELDS,
+) -> Source:
+    """A JSONL manifest: ``{"path", "caption", "width"?, "height"?, "label"?, "member"?}`` per line.
+
+    ``member``: the image is inside the container ``path`` (``{"path": "shards/00001.tar", "member": "000123.jpg"}``,
+    ``{"path": "dataset", "member": "train/123"}``); ``pixart caption`` writes such lines for such sources.
+
+    ``caption_fields``: the caption fields each line needs (a line without one of them counts as a missing
+    caption); those other than ``caption`` fill ``Record.captions``.
+    """
+    fields = [check_caption_field(f) for f in caption_fields]
+    others = [f for f in fields if f != "caption"]
+    seen: set[str] = set()  # string fields of the lines, for the error naming an unknown field
     manifest = Path(manifest)
     if not manifest.is_file():
         raise PixartError(f"{manifest}: no such manifest file")
@@ -299,20 +407,29 @@ def read_manifest(manifest: str | os.PathLike, *, keep_empty_captions: bool = Fa
             raise PixartError(f"{where}: not valid JSON ({exc.msg})") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
             raise PixartError(f'{where}: each line must be an object with a "path" string')
+        member = entry.get("member")
+        if member is not None and (not isinstance(member, str) or not member):
+            raise PixartError(f'{where}: "member" must be a non-empty string (a tar member or a row), got {member!r}')
         label = entry.get("label")
         if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
             raise PixartError(f"{where}: label must be a non-negative integer, got {label!r}")
         width = _positive_int(entry.get("width"), "width", where)
         height = _positive_int(entry.get("height"), "height", where)
-        caption = _caption_or_none(entry.get("caption"))
-        if caption is None:
+        texts = {f: _caption_or_none(entry.get(f)) for f in {"caption", *fields}}
+        if others:
+            seen.update(k for k, v in entry.items() if isinstance(v, str) and k not in _NOT_CAPTIONS)
+        if any(texts[f] is None for f in fields):
             missing += 1
             if not keep_empty_captions:
                 skipped += 1
                 continue
-            caption = ""
+            texts = {f: "" if text is None and f in fields else text for f, text in texts.items()}
         path = Path(os.path.expanduser(entry["path"]))
-        records.append(Record(base / path, caption, label, width, height))  # base / absolute = absolute
+        captions = {f: texts[f] for f in others}
+        # base / absolute = absolute
+        records.append(Record(base / path, texts["caption"], label, width, height, member, captions=captions))
+    if unknown := [f for f in others if f not in seen]:
+        raise UnknownCaptionField(manifest, unknown[0], seen)
     return Source("manifest", manifest, records, missing_captions=missing, skipped_captions=skipped)
 
 
@@ -355,3 +472,192 @@ def read_class_tree(root: str | os.PathLike) -> Source:
         logger.warning("%s: %s", root, note)
     _note_repeated(root, repeated, notes)
     return Source("classes", root, records, class_names=class_names, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Containers: WebDataset tar shards, Hugging Face datasets (save_to_disk directories, parquet files)
+# ---------------------------------------------------------------------------------------------------------------
+
+_BRACES = re.compile(r"\{(\d+\.\.\d+|[^{},/]*(?:,[^{},/]*)+)\}")  # {00000..00009} or {a,b}
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``s/{00000..00002}.tar`` → ``s/00000.tar``, ``s/00001.tar``, ``s/00002.tar`` (numbers as wide as the first);
+    ``{a,b}`` lists names; several braces multiply."""
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    if ".." in body:
+        first, last = body.split("..")
+        options = [f"{i:0{len(first)}d}" for i in range(int(first), int(last) + 1)]
+    else:
+        options = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [name for option in options for name in expand_braces(head + option + tail)]
+
+
+def _tar_shards(path: Path) -> list[Path]:
+    if _BRACES.search(str(path)):
+        shards = [Path(p) for p in expand_braces(str(path))]
+        missing = [p for p in shards if not p.is_file()]
+        if not shards or missing:
+            example = f" (e.g. {missing[0]})" if missing else ""
+            raise PixartError(f"{path}: {len(missing)} of the {len(shards)} shards it names do not exist{example}")
+        return shards
+    if path.is_dir():
+        shards = sorted(
+            p for p in path.iterdir() if p.suffix.lower() == TAR_SUFFIX and p.is_file() and not p.name.startswith(".")
+        )
+        if not shards:
+            raise PixartError(f"{path}: no .tar shards in this folder")
+        return shards
+    if path.suffix.lower() != TAR_SUFFIX:
+        raise PixartError(f"{path}: not a .tar shard")
+    return [path]
+
+
+def _sample_part(name: str) -> tuple[str, str] | None:
+    """WebDataset's grouping: ``dir/000123.seg.png`` → (``dir/000123``, ``seg.png``): the key ends at the first dot
+    of the file name. None for hidden files and names without an extension."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    if not stem or not dot:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def _positive_or_none(value: object) -> int | None:
+    """A width or height a source states, when it is a usable one (img2dataset's json, a datasets column)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _member_caption(name: str, data: bytes | None) -> tuple[str | None, str | None]:
+    """``_read_caption`` for a ``.txt`` member of a tar (``data`` None: the tar ends inside it)."""
+    if data is None:
+        return None, f"caption unreadable ({name}: the tar ends inside it)"
+    return _caption_of_bytes(name, data)
+
+
+def read_webdataset(path: str | os.PathLike, *, keep_empty_captions: bool = False) -> Source:
+    """Tar shards of ``{key}.{jpg,png,...}`` + ``{key}.txt`` and/or ``{key}.json`` (img2dataset's layout): one
+    ``.tar``, a folder of them or a brace pattern. Each shard's member offsets are indexed here, in one pass that
+    also reads the captions. Members cut short by a truncated shard and captions that are not text are counted in
+    ``bad``; a file that is not a tar is an error."""
+    path = Path(path)
+    records, bad, notes, missing, skipped = [], [], [], 0, 0
+    for shard in _tar_shards(path):
+        index, data = containers.scan_tar(shard, lambda name: (_sample_part(name) or ("", ""))[1] in ("txt", "json"))
+        samples: dict[str, dict[str, str]] = {}  # key → extension → member, in the order of the tar
+        for name in index.members:
+            if (part := _sample_part(name)) is not None:
+                samples.setdefault(part[0], {}).setdefault(part[1], name)
+        for files in samples.values():
+            image = next((member for ext, member in files.items() if f".{ext}" in IMAGE_EXTENSIONS), None)
+            if image is None:
+                continue
+            where = Path(image_name(shard, image))
+            if image in index.cut_short:
+                bad.append((where, "the tar ends inside this member (a shard cut short)"))
+                continue
+            meta = containers.read_json_object(data[files["json"]]) if files.get("json") in data else None
+            if "txt" in files:
+                caption, problem = _member_caption(files["txt"], data.get(files["txt"]))
+            elif "json" in files and meta is None:
+                caption, problem = None, f"caption unreadable ({files['json']}: not a JSON object)"
+            else:
+                caption, problem = _caption_or_none((meta or {}).get("caption")), None
+            if problem is not None:
+                bad.append((where, problem))
+                continue
+            if caption is None:
+                missing += 1
+                if not keep_empty_captions:
+                    skipped += 1
+                    continue
+                caption = ""
+            meta = meta or {}
+            width, height = _positive_or_none(meta.get("width")), _positive_or_none(meta.get("height"))
+            records.append(Record(shard, caption, None, width, height, member=image))
+        if index.ends_early:
+            notes.append(f"{shard}: the tar is cut short; the members before the cut were read")
+    source = Source("webdataset", path, records, missing_captions=missing, skipped_captions=skipped, bad=bad)
+    source.notes = notes
+    for note in notes:
+        logger.warning("%s", note)
+    if bad:
+        logger.warning("%s: %d image(s) skipped (e.g. %s: %s)", path, len(bad), *bad[0])
+    return source
+
+
+def read_arrow_dataset(
+    path: str | os.PathLike,
+    kind: Literal["hf-dataset", "parquet"],
+    *,
+    keep_empty_captions: bool = False,
+    expect_captions: bool = True,
+    caption_column: str | None = None,
+) -> Source:
+    """A ``save_to_disk`` directory (``hf-dataset``; a ``DatasetDict``'s ``train`` split) or ``.parquet`` files
+    (one, or a folder of them: ``parquet``): one record per row, the image column and the caption column detected
+    (``containers.find_image_column``/``find_caption_column``), ``width``/``height`` columns used when present.
+
+    Only the caption and size columns are read here; images are read from the memory-mapped data when decoded.
+    """
+    path = Path(path)
+    if kind == "hf-dataset":
+        if not is_dataset_dir(path):
+            raise PixartError(
+                f"{path}: not a datasets directory (no {', '.join(containers.DATASET_MARKERS)}; "
+                "datasets writes one with save_to_disk)"
+            )
+        split, dataset = containers.split_of(containers.load_dataset_dir(path), path)
+        parts = [(path, f"{split}/" if split else "", dataset)]
+    else:
+        if path.is_dir():
+            files = sorted(
+                p for p in path.iterdir() if p.suffix.lower() == PARQUET_SUFFIX and not p.name.startswith(".")
+            )
+            if not files:
+                raise PixartError(f"{path}: no .parquet files in this folder")
+        elif path.suffix.lower() == PARQUET_SUFFIX:
+            files = [path]
+        else:
+            raise PixartError(f"{path}: not a .parquet file")
+        parts = [(file, "", containers.load_parquet(file)) for file in files]
+    records, missing, skipped = [], 0, 0
+    for container, prefix, dataset in parts:
+        columns = ", ".join(dataset.column_names) or "none"
+        containers.find_image_column(dataset, container)  # no image column: an error now, not one per image
+        caption = containers.find_caption_column(dataset, caption_column)
+        if caption is None and (caption_column is not None or expect_captions):
+            wanted = f"no column {caption_column!r}" if caption_column else "no caption column"
+            raise PixartError(
+                f"{container}: {wanted} (columns: {columns}; captions are read from a text column named "
+                f"{', '.join(containers.CAPTION_COLUMNS)})"
+            )
+        lower = {name.lower(): name for name in dataset.column_names}
+        wanted_columns = [c for c in (caption, lower.get("width"), lower.get("height")) if c is not None]
+        table = dataset.select_columns(wanted_columns).with_format("arrow")[:] if wanted_columns else None
+        rows = len(dataset)
+
+        def values(column: str | None, table=table, rows=rows) -> list:
+            return table.column(column).to_pylist() if column is not None else [None] * rows
+
+        captions, widths, heights = values(caption), values(lower.get("width")), values(lower.get("height"))
+        for row in range(rows):
+            text = _caption_or_none(captions[row])
+            if text is None:
+                missing += 1
+                if not keep_empty_captions:
+                    skipped += 1
+                    continue
+                text = ""
+            width, height = _positive_or_none(widths[row]), _positive_or_none(heights[row])
+            records.append(Record(container, text, None, width, height, member=f"{prefix}{row}"))
+    return Source(kind, path, records, missing_captions=missing, skipped_captions=skipped)
+
+
+def is_shard_pattern(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a brace pattern of tar shards (``shards/{00000..00009}.tar``) rather than a path."""
+    return _BRACES.search(os.fspath(path)) is not None

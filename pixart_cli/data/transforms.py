@@ -4,19 +4,26 @@ Any file that cannot be decoded — zero bytes, truncated, not an image, too man
 comes back as a ``BadImage`` instead of raising, so that callers can skip it and count it. Every decodable image
 becomes 8-bit RGB: grayscale and palette images are expanded, transparency is composited on white, 16-bit
 images are scaled (not clipped) to 8 bits, and the EXIF orientation is applied.
+
+An image is given as a path or as a ``Record``: a file, or a member of a container (a tar shard, a datasets row),
+which ``open_image`` opens for all of them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from pixart_cli.data.containers import MemberError, image_name, open_member
+from pixart_cli.data.sources import Record
 
 # PIL's own default limit (Image.MAX_IMAGE_PIXELS): ~89 MPixels. Above it, PIL warns; at twice it, PIL raises.
 # We refuse anything above the limit, before any pixel is decoded.
@@ -26,16 +33,37 @@ Resample = Literal["lanczos", "bicubic"]
 _RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC}
 
 
+ImageRef = str | os.PathLike | Record  # an image file, or a record (a file or a container's member)
+
+
 @dataclass(frozen=True)
 class BadImage:
-    """A file that could not be used as an image, and why (one line)."""
+    """A file that could not be used as an image, and why (one line). A container's member is named
+    ``container:member`` (``shards/00001.tar:000123.jpg``)."""
 
     path: Path
     reason: str
 
 
+def image_label(image: ImageRef) -> Path:
+    """The name a ``BadImage`` of ``image`` carries."""
+    if isinstance(image, Record):
+        return Path(image_name(image.path, image.member))
+    return Path(image)
+
+
+def open_image(image: ImageRef) -> Any:
+    """What ``PIL.Image.open`` reads for ``image``: the file's path, or a file object over a container's member
+    (``containers.open_member``, which raises ``MemberError`` when the member cannot be read)."""
+    if isinstance(image, Record):
+        return image.path if image.member is None else open_member(image.path, image.member)
+    return Path(image)
+
+
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    # PIL names what it read; for a container's member that is a file object's repr, which says nothing.
+    text = re.sub(r" <_io\.\w+[^>]*>$", "", text)[:160]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -49,14 +77,16 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def image_size(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int] | BadImage:
+def image_size(image: ImageRef, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int] | BadImage:
     """(width, height) from the header only (fast), EXIF orientation applied; ``BadImage`` if unreadable."""
-    path = Path(path)
+    path = image_label(image)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = _oriented_size(image)
+            with Image.open(open_image(image)) as opened:
+                width, height = _oriented_size(opened)
+    except MemberError as exc:
+        return BadImage(path, str(exc))
     except Exception as exc:  # PIL raises many types on malformed files (OSError, SyntaxError, struct.error, ...)
         return BadImage(path, _reason(exc))
     if max_pixels is not None and width * height > max_pixels:
@@ -86,13 +116,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image | BadImage:
-    """Decode ``path`` fully into an 8-bit RGB image (EXIF orientation applied), or say why it is unusable."""
-    path = Path(path)
+def load_image(source: ImageRef, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image | BadImage:
+    """Decode ``source`` fully into an 8-bit RGB image (EXIF orientation applied), or say why it is unusable."""
+    path = image_label(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(open_image(source)) as image:
                 width, height = image.size
                 if max_pixels is not None and width * height > max_pixels:
                     return BadImage(
@@ -102,6 +132,8 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
                 rgb = to_rgb(ImageOps.exif_transpose(image))
                 # Leaving the ``with`` closes ``image`` and frees its pixels: never return the object itself.
                 return rgb.copy() if rgb is image else rgb
+    except MemberError as exc:
+        return BadImage(path, str(exc))
     except Exception as exc:
         return BadImage(path, _reason(exc))
 
@@ -131,14 +163,14 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def load_pixels(
-    path: str | os.PathLike,
+    source: ImageRef,
     size: tuple[int, int],
     *,
     resample: Resample = "lanczos",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> torch.Tensor | BadImage:
     """``load_image`` → ``resize_and_crop`` to ``size`` (H, W) → ``to_tensor``; ``BadImage`` if unusable."""
-    image = load_image(path, max_pixels)
+    image = load_image(source, max_pixels)
     if isinstance(image, BadImage):
         return image
     return to_tensor(resize_and_crop(image, size, resample))

@@ -77,8 +77,8 @@ def accelerate_shard() -> Shard:
     Its ``wait`` is the last collective call of a run: after the barrier it closes the process group, because
     scoring then runs on the main process alone (a group left open makes some runs abort at exit).
     """
-    import torch
-    from accelerate import PartialState
+    import torch  # lazy: only where this module samples (scoring a finished run needs no torch)
+    from accelerate import PartialState  # lazy: accelerate adds ~1 s to start-up (docs/reference.md §8)
 
     # cpu=True where there is no GPU: otherwise accelerate treats a CPU multi-process launch as a single process.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -210,7 +210,7 @@ def pipeline_maker(load_pipeline: Callable[[], Pipeline], settings: SampleSettin
 
     ``load_pipeline`` is called once, on the first call, so a finished (resumed) run never loads the model.
     """
-    from pixart_cli.sampling.settings import Job
+    from pixart_cli.sampling.settings import Job  # lazy: imports torch (see above)
 
     loaded: list = []
 

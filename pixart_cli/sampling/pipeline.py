@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from huggingface_hub import snapshot_download
 from PIL import Image
 from torch import nn
 
+from pixart_cli.checkpoints.convert import read_any
+from pixart_cli.checkpoints.format import instantiate, is_checkpoint_dir, latest_in_run, read_config
 from pixart_cli.components.autoencoders import Autoencoder, load_autoencoder
 from pixart_cli.components.resolve import offline_hint, resolve_builtin
 from pixart_cli.components.text import Captions, TextEncoder
@@ -29,6 +32,7 @@ from pixart_cli.sampling.guidance import sample_latents, seeded_noise, to_pil
 from pixart_cli.sampling.settings import Job, SampleSettings
 from pixart_cli.sampling.size import activation_bytes, available_memory, resolve_size
 from pixart_cli.sampling.solvers import DEFAULT_CFG
+from pixart_cli.shapesworld.demo import demo_model, prompt_completion
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +45,6 @@ PromptCompletion = Callable[[str, int], str]  # (prompt, seed) -> the caption to
 
 def default_model() -> str | None:
     """The model ``pixart sample`` uses without ``--model``: the bundled ShapesWorld demo, when installed."""
-    from pixart_cli.shapesworld.demo import demo_model
-
     return demo_model()
 
 
@@ -69,8 +71,6 @@ def resolve_model(name: str | os.PathLike) -> Path:
         return path
     text = str(name)
     if _HUB_ID.fullmatch(text) and not text.startswith((".", "~")):
-        from huggingface_hub import snapshot_download
-
         try:
             return Path(snapshot_download(text, local_files_only=bool(os.environ.get("HF_HUB_OFFLINE"))))
         except (OSError, ValueError):
@@ -83,8 +83,6 @@ def resolve_model(name: str | os.PathLike) -> Path:
 def _prompt_completion(model: object, recorded: str | None, complete_prompts: bool | None) -> PromptCompletion | None:
     """The completion the checkpoint records (``meta.prompt_completion``) unless ``complete_prompts`` is False;
     True where it records none is an error."""
-    from pixart_cli.shapesworld.demo import prompt_completion
-
     completion = prompt_completion(recorded) if complete_prompts is not False else None
     if complete_prompts and completion is None:
         raise PixartError(
@@ -99,8 +97,6 @@ def check_prompt_completion(model: str | os.PathLike, t5: str | None = None) -> 
     """Raise, before any work, the error ``Pipeline.from_pretrained(model, t5=t5, complete_prompts=True)`` would
     raise, reading only the checkpoint's config (not its weights). ``t5`` does not matter: completion is what the
     model was trained on, not which encoder reads the prompts."""
-    from pixart_cli.checkpoints.format import is_checkpoint_dir, latest_in_run, read_config
-
     path = latest_in_run(resolve_model(model))
     # Diffusers pipelines and official files record no completion: their captions were real ones.
     recorded = read_config(path)[1].prompt_completion if is_checkpoint_dir(path) else None
@@ -181,9 +177,6 @@ class Pipeline:
         (``pixart_cli.shapesworld.demo.prompt_completion``); None (default) does so where the checkpoint records
         how (``meta.prompt_completion``: ShapesWorld models); True where it records none is an error.
         """
-        from pixart_cli.checkpoints.convert import read_any
-        from pixart_cli.checkpoints.format import instantiate
-
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         path = resolve_model(model)

@@ -67,7 +67,12 @@ def make_scheduler(
     [-1, 1], as DDPM does for pixel-space models; latents are not bounded, so latent models never clip.
     """
     check_sampler(sampler)
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SASolverScheduler
+    from diffusers import (  # lazy: diffusers adds ~5 s to start-up (docs/reference.md §8)
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        SASolverScheduler,
+    )
 
     # Dynamic thresholding capped at 1.0 is a plain clip to [-1, 1] (the quantile is floored at 1).
     threshold = {"thresholding": True, "sample_max_value": 1.0} if clip_x0 else {}

@@ -17,6 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pixart_cli.components.resolve import ASSETS
+from pixart_cli.shapesworld.prompts import caption, complete_prompt
+from pixart_cli.shapesworld.text_encoder import pretrain_shapes_t5
+from pixart_cli.shapesworld.world import SHAPES, sample_scene
+from pixart_cli.tiny import make_tiny_t5
 
 SHAPES_T5 = "builtin:shapes-t5"
 SHAPES_T5_ROLES = "builtin:shapes-t5-roles"
@@ -29,11 +33,6 @@ def build_shapes_t5(directory: str | Path, seed: int = 0, pretrain_steps: int = 
     encoder from ``seed`` (``builtin:shapes-t5``), then ``pretrain_steps`` of text-only pre-training
     (``pixart_cli.shapes_t5``; ``PRETRAIN_STEPS`` makes ``builtin:shapes-t5-roles``, about 13 minutes on one
     CPU thread)."""
-    from pixart_cli.shapesworld.prompts import caption
-    from pixart_cli.shapesworld.text_encoder import pretrain_shapes_t5
-    from pixart_cli.shapesworld.world import sample_scene
-    from pixart_cli.tiny import make_tiny_t5
-
     sentences = [
         caption(sample_scene(i, split="all"), style, seed=i) for i in range(2000) for style in ("dense", "sparse")
     ]
@@ -44,9 +43,6 @@ def build_shapes_t5(directory: str | Path, seed: int = 0, pretrain_steps: int = 
 @functools.cache
 def vocabulary() -> frozenset[str]:
     """Every word the world's captions use (every style, all combinations)."""
-    from pixart_cli.shapesworld.prompts import caption
-    from pixart_cli.shapesworld.world import sample_scene
-
     words: set[str] = set()
     for i in range(3000):
         for style in ("dense", "sparse", "varied"):
@@ -76,8 +72,6 @@ _COUNT_WORDS = ("two", "three", "four", "five", "six", "seven", "eight", "nine",
 
 @functools.cache
 def _count_patterns() -> tuple[re.Pattern, re.Pattern]:
-    from pixart_cli.shapesworld.world import SHAPES
-
     plurals = [s + ("es" if s.endswith(("s", "x", "ch", "sh")) else "s") for s in SHAPES]  # "crosses"
     nouns = "|".join(sorted((*SHAPES, *plurals), key=len, reverse=True))
     # A count before a shape noun, up to two words (size, colour) apart: "two red squares", "3 big circles". The
@@ -112,8 +106,6 @@ def demo_warnings(prompts: Sequence[str]) -> list[str]:
 def prompt_completion(name: str | None) -> Callable[[str, int], str] | None:
     """The prompt completion a checkpoint's ``meta.prompt_completion`` names: ``complete_prompt`` for
     "shapesworld" (models trained on captions that always name sizes and background), else None."""
-    from pixart_cli.shapesworld.prompts import complete_prompt
-
     return complete_prompt if name == "shapesworld" else None  # CheckpointMeta admits no other name
 
 

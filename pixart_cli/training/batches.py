@@ -13,15 +13,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from torch import nn
 
+from pixart_cli.components.autoencoders import load_autoencoder
+from pixart_cli.components.text import TextEncoder
 from pixart_cli.data.buckets import Buckets
 from pixart_cli.data.cache import INDEX, same_component
 from pixart_cli.data.loader import CachedDataset, LoaderBatches, OnTheFlyDataset, make_loader
-from pixart_cli.data.sources import read_source
+from pixart_cli.data.sources import UnknownCaptionField, read_source
 from pixart_cli.errors import PixartError
 from pixart_cli.models import DiTConfig
-from pixart_cli.training.recipe import Recipe
+from pixart_cli.sampling.pipeline import Pipeline
+from pixart_cli.sampling.settings import SampleSettings
+from pixart_cli.shapesworld.dataset import write_dataset
+from pixart_cli.training.recipe import Recipe, caption_field_error
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +38,6 @@ def ensure_shapes_dataset(recipe: Recipe) -> None:
     shapes = recipe.data.shapes
     if shapes is None or recipe.data.path is None:
         return
-    from pixart_cli.shapesworld.dataset import write_dataset
 
     path = Path(recipe.data.path)
     target = path.parent if path.suffix == ".jsonl" else path
@@ -42,7 +47,7 @@ def ensure_shapes_dataset(recipe: Recipe) -> None:
     write_dataset(target, **dataclasses.asdict(shapes))
 
 
-def _check_cache(index: dict, recipe: Recipe, cache: Path) -> None:
+def _check_cache(index: dict, recipe: Recipe, cache: Path, prepare_command: str) -> None:
     config = recipe.model_config()
     problems = []
     if isinstance(config, DiTConfig):
@@ -69,10 +74,24 @@ def _check_cache(index: dict, recipe: Recipe, cache: Path) -> None:
         problems.append(f"latents have {index['latent_channels']} channels, the model takes {config.in_channels}")
     if problems:
         raise PixartError(f"data.cache: {cache} does not fit the recipe ({'; '.join(problems)})")
+    if index.get("conditioning") == "caption":
+        held = index.get("caption_fields") or ["caption"]  # caches that predate caption fields hold `caption`
+        if missing := [f for f in recipe.data.caption_fields if f not in held]:
+            key = f"data.captions.{missing[0]}" if recipe.data.captions else "data.cache"
+            raise PixartError(
+                f"{key}: the cache {cache} has no caption field {missing[0]!r} (it holds {', '.join(held)}); "
+                f"`{prepare_command}` makes one with every field the recipe names"
+            )
 
 
-def batch_source(recipe: Recipe, accelerator: Any) -> LoaderBatches:
-    """This process's bucketed, resumable batches for ``recipe``."""
+def batch_source(
+    recipe: Recipe, accelerator: Any, *, prepare_command: str = "pixart prepare RECIPE --overwrite"
+) -> LoaderBatches:
+    """This process's bucketed, resumable batches for ``recipe``.
+
+    ``prepare_command``: the command that makes the recipe's cache, for the error on a cache without a caption
+    field the recipe asks for.
+    """
     data = recipe.data
     config = recipe.model_config()
     if accelerator.is_main_process:  # one writer; the others wait, then read the finished dataset
@@ -82,21 +101,22 @@ def batch_source(recipe: Recipe, accelerator: Any) -> LoaderBatches:
     cache = Path(data.cache) if data.cache else None
     if cache is not None and (cache / INDEX).is_file():
         dataset = CachedDataset(cache)
-        _check_cache(dataset.info, recipe, cache)
+        _check_cache(dataset.info, recipe, cache, prepare_command)
         logger.info("data: %d cached items from %s", len(dataset), cache)
     else:
         if data.path is None:
             raise PixartError("data.path: no dataset given (and no feature cache at data.cache)")
-        from pixart_cli.components.autoencoders import load_autoencoder
 
-        source = read_source(data.path, data.kind)
+        try:
+            source = read_source(data.path, data.kind, caption_fields=data.caption_fields)
+        except UnknownCaptionField as exc:
+            raise caption_field_error(exc) from None
         autoencoder = load_autoencoder(data.vae, device=accelerator.device)
         multiple = autoencoder.downsample * config.patch_size
         dataset = OnTheFlyDataset(source.records, Buckets.for_resolution(data.resolution, data.multi_scale, multiple))
         if not isinstance(config, DiTConfig):
             if not data.text_encoder:
                 raise PixartError("data.text_encoder: a PixArt stage needs a T5 text encoder")
-            from pixart_cli.components.text import TextEncoder
 
             text_encoder = TextEncoder(data.text_encoder, max_length=config.max_length, device=accelerator.device)
         logger.info("data: %d images from %s, encoded on the fly", len(dataset), data.path)
@@ -112,6 +132,7 @@ def batch_source(recipe: Recipe, accelerator: Any) -> LoaderBatches:
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
         num_workers=data.num_workers,
+        captions=data.caption_mix,  # each item's caption field: a pure function of (seed, epoch, item)
     )
     batches = LoaderBatches(
         loader,
@@ -133,10 +154,6 @@ def validation_sampler(recipe: Recipe) -> Callable[[nn.Module, int], None] | Non
     """A function that writes a grid of ``log.sample_prompts`` with the EMA model (None when not configured)."""
     if not recipe.log.sample_every or not recipe.log.sample_prompts or recipe.model.architecture != "PixArt":
         return None
-    from pixart_cli.components.autoencoders import load_autoencoder
-    from pixart_cli.components.text import TextEncoder
-    from pixart_cli.sampling.pipeline import Pipeline
-    from pixart_cli.sampling.settings import SampleSettings
 
     # Built (validated) before training starts, not at the first grid hours in.
     settings = SampleSettings(steps=recipe.log.sample_steps, cfg=recipe.log.sample_cfg, seed=recipe.train.seed)
@@ -159,7 +176,6 @@ def validation_sampler(recipe: Recipe) -> Callable[[nn.Module, int], None] | Non
 
 def grid(images: list, columns: int | None = None):
     """Images side by side (rows of ``columns``)."""
-    from PIL import Image
 
     columns = columns or len(images)
     w, h = images[0].size

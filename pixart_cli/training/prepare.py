@@ -2,7 +2,8 @@
 
 ``pixart train`` uses a cache only if its recorded settings fit the recipe (``batches._check_cache``), so here
 they come from the recipe and its model rather than from defaults: the dataset, the cache directory, the encoders,
-the resolution and buckets, the dataset layout and the caption length.
+the resolution and buckets, the dataset layout, the caption length and the caption fields (``data.captions``).
+Under ``torchrun``/``accelerate launch`` the processes share the work as ``data.cache.prepare`` describes.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import torch
 
 from pixart_cli.components.autoencoders import Autoencoder, load_autoencoder
 from pixart_cli.data.cache import PrepareProgress, PrepareReport, PrepareSettings, prepare
+from pixart_cli.data.sources import UnknownCaptionField
+from pixart_cli.distributed import Dist
 from pixart_cli.errors import PixartError
 from pixart_cli.models import DiTConfig
 from pixart_cli.training.batches import ensure_shapes_dataset
-from pixart_cli.training.recipe import load_recipe
+from pixart_cli.training.recipe import caption_field_error, load_recipe
 
 
 @dataclass(frozen=True)
@@ -41,19 +44,23 @@ class RecipeCache:
 
     def prepare(
         self, *, overwrite: bool = False, progress: Callable[[PrepareProgress], None] | None = None
-    ) -> PrepareReport:
-        """Build (or resume, or find complete) the cache; see ``data.cache.prepare``."""
-        return prepare(
-            self.data,
-            self.output,
-            self.settings,
-            t5=self.t5,
-            vae=self.vae,
-            device=self.device,
-            dtype=self.dtype,
-            overwrite=overwrite,
-            progress=progress,
-        )
+    ) -> PrepareReport | None:
+        """Build (or resume, or find complete) the cache; see ``data.cache.prepare`` (None in the processes of a
+        launch other than the first)."""
+        try:
+            return prepare(
+                self.data,
+                self.output,
+                self.settings,
+                t5=self.t5,
+                vae=self.vae,
+                device=self.device,
+                dtype=self.dtype,
+                overwrite=overwrite,
+                progress=progress,
+            )
+        except UnknownCaptionField as exc:
+            raise caption_field_error(exc) from None
 
 
 def recipe_cache(
@@ -76,7 +83,8 @@ def recipe_cache(
     """Resolve the cache ``recipe`` trains on; ``.prepare()`` on the result builds it.
 
     Loads the recipe (with ``--set``-style ``overrides``), generates its ShapesWorld dataset if it asks for one and
-    is not there yet, and loads its VAE on ``device``. ``output``, ``t5`` and ``vae`` replace the recipe's
+    is not there yet (in process 0 of a launch, the others waiting), and loads its VAE on ``device`` (a bare
+    ``cuda``: each process's own GPU). ``output``, ``t5`` and ``vae`` replace the recipe's
     ``data.cache``, ``data.text_encoder`` and ``data.vae``; ``max_length`` serves only a model without its own
     (DiT: no captions); ``max_bad_fraction`` defaults to the recipe's. The other arguments are ``PrepareSettings``'.
     """
@@ -100,10 +108,18 @@ def recipe_cache(
         keep_empty_captions=keep_empty_captions,
         max_bad_fraction=data.max_bad_fraction if max_bad_fraction is None else max_bad_fraction,
         num_workers=num_workers,
+        caption_fields=data.caption_fields,
     )
-    ensure_shapes_dataset(loaded)
+    dist = Dist.from_environment()
+    device = dist.device(device)
     t5 = t5 or (None if isinstance(config, DiTConfig) else data.text_encoder)
     autoencoder = load_autoencoder(vae or data.vae, dtype=dtype, device=device)
+    if data.shapes is not None and dist.world > 1:  # one process writes the dataset, the others then read it
+        if dist.is_main:
+            ensure_shapes_dataset(loaded)
+        dist.barrier()
+    else:
+        ensure_shapes_dataset(loaded)
     # Buckets must tile into whole patches of latent pixels: the encoder's own downsampling × the patch size.
     settings = dataclasses.replace(settings, bucket_multiple=autoencoder.downsample * config.patch_size)
     return RecipeCache(Path(data.path), Path(output), settings, t5, autoencoder, device, dtype)

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
-
-from pixart_cli.config import ConfigError, apply_overrides, from_dict, to_dict
+from pixart_cli.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, to_dict
+from pixart_cli.data.sources import DEFAULT_CAPTION_FIELDS, UnknownCaptionField, check_caption_field
 from pixart_cli.errors import PixartError
 from pixart_cli.models import DIT_VARIANTS, PIXART_VARIANTS, DiTConfig, PixArtConfig
 from pixart_cli.shapesworld.dataset import check_dataset_args
@@ -86,10 +85,38 @@ class ShapesSection:
         check_dataset_args(self.n, self.resolution, self.caption_style, self.fmt, self.objects)
 
 
+def _check_caption_mix(captions: dict[str, float]) -> None:
+    if not captions:
+        raise ValueError("captions: name at least one caption field, e.g. {caption_vlm: 0.9, caption: 0.1}")
+    for name, share in captions.items():
+        try:
+            check_caption_field(name)
+        except PixartError as exc:
+            raise ValueError(f"captions: {exc}") from None
+        if not (math.isfinite(share) and share > 0):
+            raise ValueError(f"captions: the proportion of {name} must be positive, got {share}")
+    total = math.fsum(captions.values())
+    if abs(total - 1) > 1e-6:
+        raise ValueError(f"captions: the proportions must sum to 1, got {total:g} ({_mix(captions)})")
+
+
+def _mix(captions: dict[str, float]) -> str:
+    return ", ".join(f"{name}: {share:g}" for name, share in captions.items())
+
+
+def caption_field_error(exc: UnknownCaptionField) -> PixartError:
+    """The error for a ``data.captions`` field the data lacks, naming the recipe key and the fields it has."""
+    return PixartError(
+        f"data.captions.{exc.field}: {exc.path} has no caption field {exc.field!r} (fields found: {exc.fields_found})"
+    )
+
+
 @dataclass(frozen=True)
 class DataSection:
-    path: str | None = None  # image folder with .txt captions, JSONL manifest, or class-folder tree (stage 1)
-    kind: Literal["auto", "captions", "manifest", "classes"] = "auto"
+    # Image folder with .txt captions, JSONL manifest, class-folder tree (stage 1), tar shards (a .tar, a folder of
+    # them, or shards/{00000..00009}.tar), a datasets save_to_disk folder, or .parquet files (data/sources.py).
+    path: str | None = None
+    kind: Literal["auto", "captions", "manifest", "classes", "webdataset", "hf-dataset", "parquet"] = "auto"
     cache: str | None = None  # feature cache from `pixart prepare`; used when it exists, else encode on the fly
     resolution: int = 256  # pixels (the bucket table's base size when multi_scale)
     multi_scale: bool = False  # aspect-ratio buckets; every batch holds one bucket
@@ -98,14 +125,31 @@ class DataSection:
     shapes: ShapesSection | None = None  # generate a ShapesWorld dataset at `path` on first use
     num_workers: int = 2
     max_bad_fraction: float = 0.01  # abort when more of the images than this are unreadable
+    # Caption fields of a manifest → the proportion of examples trained on each (PixArt-Σ's mix of real and VLM
+    # captions, e.g. {caption_vlm: 0.9, caption: 0.1}); None: the `caption` field alone. Each example's choice is a
+    # pure function of (train.seed, epoch, item): the same on a resumed run (docs/training.md).
+    captions: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.resolution <= 0 or self.resolution % 8:
             raise ValueError(f"resolution: must be a positive multiple of 8, got {self.resolution}")
+        if self.captions is not None:
+            _check_caption_mix(self.captions)
         if not 0 <= self.max_bad_fraction < 1:
             raise ValueError(f"max_bad_fraction: must be in [0, 1), got {self.max_bad_fraction}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers: must be 0 or more, got {self.num_workers}")
+
+    @property
+    def caption_fields(self) -> tuple[str, ...]:
+        """The caption fields the data must have and a cache holds, sorted."""
+        return tuple(sorted(self.captions)) if self.captions else DEFAULT_CAPTION_FIELDS
+
+    @property
+    def caption_mix(self) -> tuple[tuple[str, float], ...] | None:
+        """(field, proportion) sorted by field, None without ``captions``: the order they are written in changes
+        nothing (resuming compares the keys, not their order)."""
+        return tuple(sorted(self.captions.items())) if self.captions else None
 
 
 @dataclass(frozen=True)
@@ -236,6 +280,8 @@ class Recipe:
             raise ValueError("stage 1 trains the class-conditional DiT: model.architecture must be DiT")
         if self.stage > 1 and self.model.architecture != "PixArt":
             raise ValueError(f"stage {self.stage} trains PixArt: model.architecture must be PixArt")
+        if self.stage == 1 and self.data.captions is not None:
+            raise ValueError("data.captions: stage 1 trains on class labels, not captions")
 
     # -- derived quantities ---------------------------------------------------------------------------------------
     def model_config(self) -> PixArtConfig | DiTConfig:
@@ -263,19 +309,7 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, dict]:
     """Read, override and validate a recipe; returns the typed recipe and its resolved plain form."""
     path = Path(path)
-    if not path.is_file():
-        raise PixartError(f"{path}: no such recipe file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PixartError(f"{path}: cannot read the recipe ({getattr(exc, 'strerror', None) or exc.reason})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
-        raise PixartError(f"{path}: invalid YAML{where} ({problem})") from None
-    if not isinstance(raw, dict):
-        raise PixartError(f"{path}: a recipe must be a mapping of sections")
+    raw = read_yaml_mapping(path, "recipe")
     try:
         apply_overrides(raw, list(overrides))
         recipe = from_dict(Recipe, raw)

@@ -148,6 +148,33 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, tiny_t5):
     assert (tmp_path / "mine.jsonl").read_text() == '{"path": "x.png", "caption": "mine"}\n'
 
 
+def test_a_settings_file_gives_the_defaults_and_options_win(tmp_path, tiny_llava):
+    """``--config`` (e.g. recipes/caption/sam-llava.yaml) holds the settings; command-line options override them."""
+    from pixart_cli.captioning.settings import PAPER_PROMPT, load_caption_settings
+
+    sam = load_caption_settings(Path(__file__).parents[2] / "recipes" / "caption" / "sam-llava.yaml", {})
+    assert (sam.model, sam.prompt, sam.dtype, sam.batch_size) == ("llava-hf/llava-1.5-7b-hf", PAPER_PROMPT, "bf16", 32)
+    _images(tmp_path / "data", 2)
+    config = tmp_path / "caption.yaml"
+    config.write_text(f"model: {tiny_llava}\nmax_new_tokens: 4\nfield: dense\nbatch_size: 2\n")
+    out = tmp_path / "c.jsonl"
+    result = _caption(tmp_path / "data", "-o", out, "--config", config, "--max-new-tokens", "3", "--json")
+    assert result.exit_code == 0, result.output
+    recorded = json.loads(out.with_name("c.jsonl.settings.json").read_text())
+    assert (recorded["max_new_tokens"], recorded["field"]) == (3, "dense")
+    assert all("dense" in line for line in _lines(out))
+    for text, message in [
+        ("model: m\nbatch_sise: 2\n", "batch_sise: unknown key"),
+        ("model: m\ndtype: fp8\n", "dtype"),
+        ("- a list\n", "must be a mapping"),
+        ("prompt: hi\n", "give --model"),
+    ]:
+        config.write_text(text)
+        result = _caption(tmp_path / "data", "-o", tmp_path / "d.jsonl", "--config", config)
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, text
+    assert not (tmp_path / "d.jsonl").exists()
+
+
 def test_other_settings_on_the_same_output_are_refused(tmp_path, tiny_llava):
     _images(tmp_path / "data", 2)
     out = tmp_path / "c.jsonl"

@@ -1,0 +1,58 @@
+"""Processes launched together by ``torchrun`` or ``accelerate launch``: which one this is, and how they meet.
+
+Commands that split a job between processes (``pixart caption``, ``pixart prepare``) need no collective beyond a
+barrier: each process writes its own share of files and one process merges them. A CPU ``gloo`` group is enough
+for that on any machine, and it never touches the accelerator the process computes on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+# How long a process waits at a barrier for the others. Each wait is the others' share of work (the shard plan on
+# process 0, the last shard of another process), which can be long; a process that dies is stopped by the
+# launcher (torchrun ends the others when one fails), so this is only the backstop for a launcher that does not.
+BARRIER_TIMEOUT = datetime.timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among the processes launched together (``torchrun``/``accelerate launch`` set it)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> Dist:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device | str) -> torch.device:
+        """Where this process computes: a bare ``cuda`` means this process's own GPU, ``cuda:LOCAL_RANK``, when
+        several processes share a machine; an explicit index (``cuda:1``) or another device is kept."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None and self.world > 1:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def barrier(self) -> None:
+        if self.world == 1:
+            return
+        if not torch.distributed.is_initialized():
+            # CPU-only sync: no tensors travel, any launch works.
+            torch.distributed.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+        torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Leave the process group (a group left open aborts the interpreter at exit)."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
