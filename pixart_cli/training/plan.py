@@ -12,6 +12,7 @@ import torch
 
 from pixart_cli.checkpoints.format import build_model, latest_in_run
 from pixart_cli.config import to_dict
+from pixart_cli.data.sources import expand_braces, is_shard_pattern
 from pixart_cli.errors import PixartError
 from pixart_cli.models import DiTConfig
 from pixart_cli.precision import choose_precision, describe_cpu
@@ -179,6 +180,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+def _exists(path: str) -> bool:
+    """A path, or every shard a brace pattern (``shards/{00000..00009}.tar``) names, is on disk."""
+    return all(Path(p).exists() for p in expand_braces(path)) if is_shard_pattern(path) else Path(path).exists()
+
+
 def missing_inputs(recipe: Recipe, recipe_path: str) -> tuple[str, ...]:
     """What the run will need that is not on disk yet (a local path that does not exist), one line each."""
     out = []
@@ -188,7 +194,7 @@ def missing_inputs(recipe: Recipe, recipe_path: str) -> tuple[str, ...]:
         previous = f" (the output of stage {recipe.stage - 1}?)" if recipe.stage > 1 else ""
         out.append(f"model.init: {init} does not exist{previous}")
     cache_ready = data.cache is not None and Path(data.cache).is_dir()
-    if data.path is not None and not Path(data.path).exists() and not cache_ready:
+    if data.path is not None and not _exists(data.path) and not cache_ready:
         if data.shapes is not None:
             out.append(f"data.path: {data.path} does not exist yet (data.shapes generates it on first use)")
         else:

@@ -922,3 +922,16 @@ def test_resume_past_train_steps_is_refused_and_at_train_steps_has_nothing_to_do
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert json.loads(report.stdout.splitlines()[-1])["already_done"] is True
     assert json.loads(report.stdout.splitlines()[-1])["final_loss"] == pytest.approx(last["loss"])
+
+
+def test_the_dry_run_finds_tar_shards_named_by_a_brace_pattern(tmp_path):
+    from pixart_cli.training.plan import missing_inputs
+
+    (tmp_path / "shards").mkdir()
+    for i in range(2):
+        (tmp_path / "shards" / f"{i:05d}.tar").write_bytes(b"")
+    pattern = str(tmp_path / "shards" / "{00000..00001}.tar")
+    recipe, _ = load_recipe(ROOT / "recipes" / "stage2.yaml", [f"data.path={pattern}", "data.kind=webdataset"])
+    assert not [line for line in missing_inputs(recipe, "r.yaml") if line.startswith("data.path")]
+    recipe, _ = load_recipe(ROOT / "recipes" / "stage2.yaml", [f"data.path={pattern.replace('01}', '02}')}"])
+    assert [line for line in missing_inputs(recipe, "r.yaml") if line.startswith("data.path")]
