@@ -119,6 +119,25 @@ class Source:
         return "label" if self.kind == "classes" else "caption"
 
 
+@dataclass
+class _MissingCaptions:
+    """Counts images without a caption while a source is read: kept with "" or skipped, by ``keep``."""
+
+    keep: bool
+    missing: int = 0
+    skipped: int = 0
+
+    def caption(self, text: str | None) -> str | None:
+        """``text``; for a missing one (None), "" when kept and None when skipped (either way counted)."""
+        if text is not None:
+            return text
+        self.missing += 1
+        if self.keep:
+            return ""
+        self.skipped += 1
+        return None
+
+
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -327,21 +346,17 @@ def read_image_folder(root: str | os.PathLike, *, keep_empty_captions: bool = Fa
         raise PixartError(f"{root}: not a directory")
     listing = _walk(root)
     text_of = {p.with_suffix(""): p for p in listing.texts}
-    records, bad, missing, skipped = [], [], 0, 0
+    records, bad, tally = [], [], _MissingCaptions(keep_empty_captions)
     for image in listing.images:
         txt = text_of.get(image.with_suffix(""))
         caption, problem = _read_caption(txt) if txt else (None, None)
         if problem is not None:
             bad.append((image, problem))
             continue
-        if caption is None:
-            missing += 1
-            if not keep_empty_captions:
-                skipped += 1
-                continue
-            caption = ""
+        if (caption := tally.caption(caption)) is None:
+            continue
         records.append(Record(path=image, caption=caption))
-    source = Source("captions", root, records, missing_captions=missing, skipped_captions=skipped, bad=bad)
+    source = Source("captions", root, records, missing_captions=tally.missing, skipped_captions=tally.skipped, bad=bad)
     _note_repeated(root, listing.repeated, source.notes)
     if bad:
         logger.warning("%s: %d image(s) skipped, their caption file is not text (e.g. %s: %s)", root, len(bad), *bad[0])
@@ -545,7 +560,7 @@ def read_webdataset(path: str | os.PathLike, *, keep_empty_captions: bool = Fals
     also reads the captions. Members cut short by a truncated shard and captions that are not text are counted in
     ``bad``; a file that is not a tar is an error."""
     path = Path(path)
-    records, bad, notes, missing, skipped = [], [], [], 0, 0
+    records, bad, notes, tally = [], [], [], _MissingCaptions(keep_empty_captions)
     for shard in _tar_shards(path):
         index, data = containers.scan_tar(shard, lambda name: (_sample_part(name) or ("", ""))[1] in ("txt", "json"))
         samples: dict[str, dict[str, str]] = {}  # key → extension → member, in the order of the tar
@@ -570,18 +585,16 @@ def read_webdataset(path: str | os.PathLike, *, keep_empty_captions: bool = Fals
             if problem is not None:
                 bad.append((where, problem))
                 continue
-            if caption is None:
-                missing += 1
-                if not keep_empty_captions:
-                    skipped += 1
-                    continue
-                caption = ""
+            if (caption := tally.caption(caption)) is None:
+                continue
             meta = meta or {}
             width, height = _positive_or_none(meta.get("width")), _positive_or_none(meta.get("height"))
             records.append(Record(shard, caption, None, width, height, member=image))
         if index.ends_early:
             notes.append(f"{shard}: the tar is cut short; the members before the cut were read")
-    source = Source("webdataset", path, records, missing_captions=missing, skipped_captions=skipped, bad=bad)
+    source = Source(
+        "webdataset", path, records, missing_captions=tally.missing, skipped_captions=tally.skipped, bad=bad
+    )
     source.notes = notes
     for note in notes:
         logger.warning("%s", note)
@@ -625,7 +638,7 @@ def read_arrow_dataset(
         else:
             raise PixartError(f"{path}: not a .parquet file")
         parts = [(file, "", containers.load_parquet(file)) for file in files]
-    records, missing, skipped = [], 0, 0
+    records, tally = [], _MissingCaptions(keep_empty_captions)
     for container, prefix, dataset in parts:
         columns = ", ".join(dataset.column_names) or "none"
         containers.find_image_column(dataset, container)  # no image column: an error now, not one per image
@@ -646,16 +659,11 @@ def read_arrow_dataset(
 
         captions, widths, heights = values(caption), values(lower.get("width")), values(lower.get("height"))
         for row in range(rows):
-            text = _caption_or_none(captions[row])
-            if text is None:
-                missing += 1
-                if not keep_empty_captions:
-                    skipped += 1
-                    continue
-                text = ""
+            if (text := tally.caption(_caption_or_none(captions[row]))) is None:
+                continue
             width, height = _positive_or_none(widths[row]), _positive_or_none(heights[row])
             records.append(Record(container, text, None, width, height, member=f"{prefix}{row}"))
-    return Source(kind, path, records, missing_captions=missing, skipped_captions=skipped)
+    return Source(kind, path, records, missing_captions=tally.missing, skipped_captions=tally.skipped)
 
 
 def is_shard_pattern(path: str | os.PathLike) -> bool:
