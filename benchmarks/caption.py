@@ -8,7 +8,9 @@ output (on a GPU it also decodes the next batch in a thread while the device gen
 include loading the model. Prints images/s of each, the ratio, and where the time goes (decoding and pre-processing vs
 generation, measured separately on the same files).
 
-    python benchmarks/caption.py                       # a small model, 128 images of 512 px, batch 16
+    python benchmarks/caption.py                       # LLaVA's proportions (256 image tokens), 128 JPEGs of 512 px
+    python benchmarks/caption.py --image-size 32 --patch-size 8 --side 32 --images 256 --max-new-tokens 48
+                                                       # the ShapesWorld captioner's shape (16 image tokens)
     python benchmarks/caption.py --hidden 256 --layers 4 --images 256
     python benchmarks/caption.py --model llava-hf/llava-1.5-7b-hf --device cuda --dtype bf16 --batch-size 32 \
         --max-new-tokens 300 --images 256                  # a real VLM on a GPU (recipes/caption/sam-llava.yaml)
