@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -85,18 +86,25 @@ _BLOCK_PAIRS: list[tuple[str, str | tuple[str, ...]]] = [
 ]
 
 
-def official_diffusers_table(depth: int, multi_scale: bool) -> list[tuple[str, tuple[str, ...]]]:
-    """Every official key with the diffusers key(s) it becomes (several: split along dim 0, in order)."""
-    table: list[tuple[str, tuple[str, ...]]] = []
-    for official, theirs in _GLOBAL_PAIRS + (_MULTI_SCALE_PAIRS if multi_scale else []):
-        table += [(f"{official}.{s}", (f"{theirs}.{s}",)) for s in ("weight", "bias")]
-    table.append(("final_layer.scale_shift_table", ("scale_shift_table",)))
+def official_diffusers_modules(depth: int, multi_scale: bool) -> list[tuple[str, tuple[str, ...]]]:
+    """Every official layer with the diffusers layer(s) it becomes (several: its outputs split in order)."""
+    table = [(official, (theirs,)) for official, theirs in _GLOBAL_PAIRS + (_MULTI_SCALE_PAIRS if multi_scale else [])]
     for i in range(depth):
-        table.append((f"blocks.{i}.scale_shift_table", (f"transformer_blocks.{i}.scale_shift_table",)))
         for official, theirs in _BLOCK_PAIRS:
             parts = (theirs,) if isinstance(theirs, str) else theirs
-            for s in ("weight", "bias"):
-                table.append((f"blocks.{i}.{official}.{s}", tuple(f"transformer_blocks.{i}.{p}.{s}" for p in parts)))
+            table.append((f"blocks.{i}.{official}", tuple(f"transformer_blocks.{i}.{p}" for p in parts)))
+    return table
+
+
+def official_diffusers_table(depth: int, multi_scale: bool) -> list[tuple[str, tuple[str, ...]]]:
+    """Every official key with the diffusers key(s) it becomes (several: split along dim 0, in order)."""
+    table = [
+        (f"{official}.{s}", tuple(f"{p}.{s}" for p in theirs))
+        for official, theirs in official_diffusers_modules(depth, multi_scale)
+        for s in ("weight", "bias")
+    ]
+    table.append(("final_layer.scale_shift_table", ("scale_shift_table",)))
+    table += [(f"blocks.{i}.scale_shift_table", (f"transformer_blocks.{i}.scale_shift_table",)) for i in range(depth)]
     return table
 
 
@@ -572,12 +580,14 @@ def convert(
     num_heads: int | None = None,
     max_length: int = 120,
     overwrite: bool = False,
+    transform: Callable[[Checkpoint], Checkpoint] | None = None,
 ) -> ConvertReport:
     """Convert ``src`` (format detected) to ``to`` at ``dst``.
 
     ``ema``: None keeps both weight sets where the target can hold both (ours, official) and takes the EMA weights
     for diffusers; True/False write only the EMA / only the raw weights. ``num_heads`` and ``max_length`` fill
     in what a source does not record (heads: official weights of a non-family width; caption length: diffusers).
+    ``transform`` changes the checkpoint after reading (e.g. merging adapters into it).
     """
     fmt = detect_format(src)
     if Path(dst).resolve() == Path(src).resolve() or Path(dst).resolve() == Path(latest_in_run(src)).resolve():
@@ -585,6 +595,8 @@ def convert(
         # training checkpoint's optimiser state and recipe, a run's other checkpoints).
         raise PixartError(f"-o {dst}: that is the checkpoint being converted; write the conversion elsewhere")
     checkpoint = read_any(src, num_heads, max_length)
+    if transform is not None:
+        checkpoint = transform(checkpoint)
     if dtype is not None:
         checkpoint = checkpoint.to_dtype(dtype)
     report = ConvertReport(fmt, to, Path(dst), weights="model")

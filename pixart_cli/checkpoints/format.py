@@ -39,6 +39,10 @@ EMA_FILE = "ema.safetensors"
 CHECKPOINTS = "checkpoints"  # a training run's checkpoints: <run>/checkpoints/step-NNNNNNN/
 STATE_FILE = "training_state.pt"  # in training checkpoints: optimiser and LR schedule state (tensors only)
 POSITION_FILE = "position.json"  # in training checkpoints: step and data position (small, read to find the latest)
+# An adapter's weights and their EMA (pixart_cli.adapters.format): an adapter run's checkpoints hold these instead of
+# the model's.
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_EMA_FILE = "adapter_ema.safetensors"
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +262,8 @@ def checkpoint_dirs(output: str | Path) -> list[tuple[int, Path]]:
     found = []
     for path in root.glob("step-*") if root.is_dir() else []:
         position = path / POSITION_FILE
-        if path.is_dir() and position.is_file() and (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file():
+        weights = (path / MODEL_FILE).is_file() or (path / ADAPTER_FILE).is_file()
+        if path.is_dir() and position.is_file() and (path / STATE_FILE).is_file() and weights:
             try:
                 found.append((int(json.loads(position.read_text())["step"]), path))
             except (OSError, KeyError, TypeError, ValueError):

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from pixart_cli.cli.common import DType, JsonOpt, app, console, fails_cleanly, out, print_json
+from pixart_cli.errors import PixartError
 
 
 class Target(str, enum.Enum):
@@ -41,23 +42,47 @@ def convert(
         int, typer.Option("--max-length", help="Caption tokens, for diffusers sources (they do not record it).")
     ] = 120,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    merge_lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--merge-lora",
+            help="Bake this adapter directory (optionally :SCALE) into the weights; repeat to combine.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Convert a PixArt checkpoint between our format, the official .pth and diffusers (source detected)."""
-    from pixart_cli.checkpoints.convert import convert as run_convert
+    """Convert a PixArt checkpoint between our format, the official .pth and diffusers (source detected).
 
-    report = run_convert(
-        src,
-        output,
-        to.value,
-        ema=ema,
-        dtype=dtype.torch if dtype else None,
-        t5=t5,
-        vae=vae,
-        num_heads=num_heads,
-        max_length=max_length,
+    An adapter directory converts to diffusers' PEFT layout (--to diffusers); --merge-lora bakes adapters into a
+    base checkpoint, written in any format.
+    """
+    from pixart_cli.adapters.export import export_to_diffusers, merge_into
+    from pixart_cli.adapters.format import is_adapter_dir, parse_adapter_arg
+    from pixart_cli.checkpoints.convert import convert as run_convert
+    from pixart_cli.checkpoints.format import latest_in_run
+
+    if src.exists() and is_adapter_dir(latest_in_run(src)):
+        if to != Target.diffusers or merge_lora:
+            raise PixartError(
+                f"{src}: an adapter; it converts to diffusers' PEFT layout (--to diffusers), or merges into its base "
+                f"with `pixart convert BASE --merge-lora {src}`"
+            )
+        written = export_to_diffusers(src, output, ema=ema, overwrite=overwrite)
+        if as_json:
+            print_json({"source": src, "source_format": "adapter", "output": written, "format": "diffusers-peft"})
+        else:
+            out.print(f"wrote a PEFT adapter for diffusers → [bold]{written}[/]", soft_wrap=True)
+        return
+    options = dict(
+        dtype=dtype.torch if dtype else None, t5=t5, vae=vae, num_heads=num_heads, max_length=max_length,
         overwrite=overwrite,
-    )
+    )  # fmt: skip
+    if merge_lora:
+        adapters = [parse_adapter_arg(text) for text in merge_lora]
+        report = merge_into(src, output, adapters, to.value, ema=ema, **options)
+    else:
+        report = run_convert(src, output, to.value, ema=ema, **options)
     if as_json:
         print_json(
             {

@@ -142,12 +142,22 @@ def sample(
             show_default=False,
         ),
     ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            help="An adapter directory (or its training run), optionally :SCALE (default 1); repeat to combine. "
+            "Without --model, the base it was trained on.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate images from text prompts: one PNG per image, settings in the PNG and in manifest.jsonl.
 
     Existing images made with the same settings are skipped, so an interrupted run can be resumed.
     """
+    from pixart_cli.adapters.format import adapter_base, parse_adapter_arg
     from pixart_cli.sampling.pipeline import Pipeline, default_model
     from pixart_cli.sampling.settings import SampleSettings
     from pixart_cli.sampling.writer import write_samples
@@ -164,7 +174,8 @@ def sample(
     settings.check_image_count(len(prompt_list))
     if size is not None and (height is not None or width is not None):
         raise PixartError("give --size or --height/--width, not both")
-    model = model or default_model()
+    adapters = [parse_adapter_arg(text) for text in lora or []]
+    model = model or (adapter_base(adapters[0][0]) if adapters else default_model())
     if model is None:
         raise PixartError(
             "no model given: pass --model (our checkpoint directory, a diffusers pipeline, or an official .pth "
@@ -179,7 +190,7 @@ def sample(
         with console.status(f"loading {model}"):
             pipeline = Pipeline.from_pretrained(
                 model, t5=t5, vae=vae, device=torch_device, dtype=dtype.torch if dtype else None, offload=offload,
-                complete_prompts=complete_prompts,
+                complete_prompts=complete_prompts, adapters=adapters,
             )  # fmt: skip
         # Sizes and memory are checked against the model before anything else is said (write_samples checks them
         # again): a refused run prints one error line.

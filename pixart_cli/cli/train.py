@@ -74,6 +74,7 @@ def _train(
     recipe: Recipe, resolved: dict, recipe_path: str, overrides: tuple[str, ...], resume: str | None, as_json: bool
 ) -> None:
     from pixart_cli.training.batches import batch_source, validation_sampler
+    from pixart_cli.training.dreambooth import dreambooth_batches
     from pixart_cli.training.loop import Interrupted, ensure_output_dir, make_accelerator
     from pixart_cli.training.loop import train as run_train
     from pixart_cli.training.resume import check_resume
@@ -89,7 +90,10 @@ def _train(
             sets = [f"--set={o}" for o in overrides]
             prepare = shlex.join(["pixart", "prepare", str(recipe_path), *sets, "--overwrite"])
             # Data errors surface before the progress bar starts.
-            source = batch_source(recipe, accelerator, prepare_command=prepare)
+            if recipe.dreambooth is not None:
+                source = dreambooth_batches(recipe, accelerator)
+            else:
+                source = batch_source(recipe, accelerator, prepare_command=prepare)
             if main:  # after the input checks: a bad input's output is one error line
                 console.print(f"precision: {precision.describe()}", style="dim", soft_wrap=True)
                 if precision.warning:

@@ -21,6 +21,7 @@ from huggingface_hub import snapshot_download
 from PIL import Image
 from torch import nn
 
+from pixart_cli.adapters.format import apply_adapters
 from pixart_cli.checkpoints.convert import read_any
 from pixart_cli.checkpoints.format import instantiate, is_checkpoint_dir, latest_in_run, read_config
 from pixart_cli.components.autoencoders import Autoencoder, load_autoencoder
@@ -168,6 +169,7 @@ class Pipeline:
         ema: bool | None = None,
         clean_captions: bool = True,
         complete_prompts: bool | None = None,
+        adapters: Sequence[tuple[str, float]] = (),
     ) -> Pipeline:
         """Load from our checkpoint directory, a diffusers pipeline directory (or hub id), or an official ``.pth``.
 
@@ -176,11 +178,17 @@ class Pipeline:
         fp32 on CPU; EMA weights when present. ``complete_prompts``: word prompts as the training captions were
         (``pixart_cli.shapesworld.demo.prompt_completion``); None (default) does so where the checkpoint records
         how (``meta.prompt_completion``: ShapesWorld models); True where it records none is an error.
+        ``adapters``: (adapter directory, scale) pairs merged into the weights (``pixart sample --lora``); the
+        model's name (recorded with each image) then names them too.
         """
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         path = resolve_model(model)
         checkpoint = read_any(path)
+        name = str(model)
+        if adapters:
+            checkpoint = apply_adapters(checkpoint, adapters, name, ema=ema)
+            name += "".join(f" + {adapter}:{scale:g}" for adapter, scale in adapters)
         t5 = t5 or (checkpoint.meta.text_encoder and _component_path(checkpoint.meta.text_encoder, path))
         vae = vae or (checkpoint.meta.vae and _component_path(checkpoint.meta.vae, path))
         if not t5:
@@ -195,7 +203,7 @@ class Pipeline:
         rest = torch.device("cpu") if offload else device
         autoencoder = load_autoencoder(vae, dtype=dtype, device=rest)
         _check_channels(checkpoint.config, autoencoder, str(model))
-        transformer = instantiate(checkpoint, ema=ema, device=rest, dtype=dtype)
+        transformer = instantiate(checkpoint, ema=None if adapters else ema, device=rest, dtype=dtype)
         del checkpoint
         text = TextEncoder(
             t5, max_length=transformer.config.max_length, dtype=dtype, device=device, clean=clean_captions
@@ -212,7 +220,7 @@ class Pipeline:
             null_caption=null_caption,
             device=device,
             offload=offload,
-            name=str(model),
+            name=name,
             prompt_completion=completion,
         )
 

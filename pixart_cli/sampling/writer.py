@@ -66,7 +66,7 @@ def _save_png(image: Image.Image, path: Path, record: dict) -> None:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
-def _read_manifest(path: Path) -> dict[str, dict]:
+def read_manifest(path: Path) -> dict[str, dict]:
     """The manifest's records by file name, in order; a later record for a file supersedes an earlier one, and
     lines that are not records (one cut short by a kill) are dropped."""
     try:
@@ -167,7 +167,7 @@ def write_samples(
         redo = {image_name(j) for j in todo}
         kept = {
             name: record
-            for name, record in _read_manifest(out / MANIFEST).items()
+            for name, record in read_manifest(out / MANIFEST).items()
             if name not in redo and png_is_complete(out / name)
         }
         kept.update({image_name(j): records[j] for j in skipped})

@@ -21,7 +21,7 @@ from pixart_cli.components.text import TextEncoder
 from pixart_cli.data.buckets import Buckets
 from pixart_cli.data.cache import INDEX, same_component
 from pixart_cli.data.loader import CachedDataset, LoaderBatches, OnTheFlyDataset, make_loader
-from pixart_cli.data.sources import UnknownCaptionField, read_source
+from pixart_cli.data.sources import Source, UnknownCaptionField, read_source
 from pixart_cli.errors import PixartError
 from pixart_cli.models import DiTConfig
 from pixart_cli.sampling.pipeline import Pipeline
@@ -93,60 +93,78 @@ def batch_source(
     field the recipe asks for.
     """
     data = recipe.data
-    config = recipe.model_config()
     if accelerator.is_main_process:  # one writer; the others wait, then read the finished dataset
         ensure_shapes_dataset(recipe)
     accelerator.wait_for_everyone()
-    autoencoder = text_encoder = None
     cache = Path(data.cache) if data.cache else None
     if cache is not None and (cache / INDEX).is_file():
         dataset = CachedDataset(cache)
         _check_cache(dataset.info, recipe, cache, prepare_command)
         logger.info("data: %d cached items from %s", len(dataset), cache)
-    else:
-        if data.path is None:
-            raise PixartError("data.path: no dataset given (and no feature cache at data.cache)")
+        _check_fills_a_batch(len(dataset), recipe, accelerator)
+        loader = make_loader(
+            dataset,
+            recipe.train.batch_size,
+            seed=recipe.train.seed,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+            num_workers=data.num_workers,
+            captions=data.caption_mix,  # each item's caption field: a pure function of (seed, epoch, item)
+        )
+        return LoaderBatches(loader, seed=recipe.train.seed, rank=accelerator.process_index)
+    if data.path is None:
+        raise PixartError("data.path: no dataset given (and no feature cache at data.cache)")
+    try:
+        source = read_source(data.path, data.kind, caption_fields=data.caption_fields)
+    except UnknownCaptionField as exc:
+        raise caption_field_error(exc) from None
+    logger.info("data: %d images from %s, encoded on the fly", len(source.records), data.path)
+    return on_the_fly_batches(source, recipe, accelerator)
 
-        try:
-            source = read_source(data.path, data.kind, caption_fields=data.caption_fields)
-        except UnknownCaptionField as exc:
-            raise caption_field_error(exc) from None
-        autoencoder = load_autoencoder(data.vae, device=accelerator.device)
-        multiple = autoencoder.downsample * config.patch_size
-        dataset = OnTheFlyDataset(source.records, Buckets.for_resolution(data.resolution, data.multi_scale, multiple))
+
+def _check_fills_a_batch(items: int, recipe: Recipe, accelerator: Any) -> None:
+    if items < recipe.train.batch_size * accelerator.num_processes:
+        raise PixartError(
+            f"data: {items} items cannot fill one global batch of {recipe.train.batch_size * accelerator.num_processes}"
+        )
+
+
+def on_the_fly_batches(
+    source: Source, recipe: Recipe, accelerator: Any, *, seed: int | None = None, encoders: tuple | None = None
+) -> LoaderBatches:
+    """Batches of ``source``'s images and captions, encoded as they are read with the recipe's encoders
+    (``encoders``: an (autoencoder, text encoder) pair already loaded, to share); ``seed``: default train.seed."""
+    data, config = recipe.data, recipe.model_config()
+    if encoders is not None:
+        autoencoder, text_encoder = encoders
+    else:
+        autoencoder, text_encoder = load_autoencoder(data.vae, device=accelerator.device), None
         if not isinstance(config, DiTConfig):
             if not data.text_encoder:
                 raise PixartError("data.text_encoder: a PixArt stage needs a T5 text encoder")
-
             text_encoder = TextEncoder(data.text_encoder, max_length=config.max_length, device=accelerator.device)
-        logger.info("data: %d images from %s, encoded on the fly", len(dataset), data.path)
-    if len(dataset) < recipe.train.batch_size * accelerator.num_processes:
-        raise PixartError(
-            f"data: {len(dataset)} items cannot fill one global batch of "
-            f"{recipe.train.batch_size * accelerator.num_processes}"
-        )
+    multiple = autoencoder.downsample * config.patch_size
+    dataset = OnTheFlyDataset(source.records, Buckets.for_resolution(data.resolution, data.multi_scale, multiple))
+    _check_fills_a_batch(len(dataset), recipe, accelerator)
+    seed = recipe.train.seed if seed is None else seed
     loader = make_loader(
         dataset,
         recipe.train.batch_size,
-        seed=recipe.train.seed,
+        seed=seed,
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
         num_workers=data.num_workers,
-        captions=data.caption_mix,  # each item's caption field: a pure function of (seed, epoch, item)
+        captions=data.caption_mix,
     )
     batches = LoaderBatches(
-        loader,
-        seed=recipe.train.seed,
-        rank=accelerator.process_index,
-        autoencoder=autoencoder,
-        text_encoder=text_encoder,
+        loader, seed=seed, rank=accelerator.process_index, autoencoder=autoencoder, text_encoder=text_encoder
     )
-    if isinstance(dataset, OnTheFlyDataset):  # what the data left out so far; decoding adds to it as it goes
-        batches.faults.missing_captions = source.skipped_captions
-        batches.faults.unreadable.update({str(path): reason for path, reason in source.bad})  # caption not text
-        batches.faults.unreadable.update({str(bad.path): bad.reason for bad in dataset.bad})
-        batches.max_unreadable = int(data.max_bad_fraction * (len(source.records) + len(source.bad)))
-        batches.check_faults()  # too many known already: stop before the first step
+    # What the data left out so far; decoding adds to it as it goes.
+    batches.faults.missing_captions = source.skipped_captions
+    batches.faults.unreadable.update({str(path): reason for path, reason in source.bad})  # caption not text
+    batches.faults.unreadable.update({str(bad.path): bad.reason for bad in dataset.bad})
+    batches.max_unreadable = int(data.max_bad_fraction * (len(source.records) + len(source.bad)))
+    batches.check_faults()  # too many known already: stop before the first step
     return batches
 
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from pixart_cli.adapters.lora import hold_base_in, merged_model
 from pixart_cli.checkpoints.format import (
     CHECKPOINTS,
     build_model,
@@ -213,12 +214,14 @@ def train(
         for path in remove_stale_temporaries(output / CHECKPOINTS):  # never picked up, but each is a full checkpoint
             logger.info("removed a half-written checkpoint left by an interrupted run: %s", path.name)
 
-    model, description = build_training_model(recipe)
+    model, description, base = build_training_model(recipe)
     logger.info("model: %s", description)
+    if recipe.adapter is not None:
+        hold_base(model, recipe.adapter.base_dtype, acc.mixed_precision)
     ema = EMA(model, recipe.train.ema_decay, recipe.train.ema_warmup)
     lr = recipe.learning_rate(acc.num_processes)
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=lr,
         betas=recipe.optim.betas,
         eps=recipe.optim.eps,
@@ -226,7 +229,9 @@ def train(
         fused=acc.device.type == "cuda",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(recipe.optim, recipe.train.steps))
-    resumed = resume_training(resume, recipe, resolved, model, ema, optimizer, scheduler, lr, acc.is_main_process)
+    resumed = resume_training(
+        resume, recipe, resolved, model, ema, optimizer, scheduler, lr, acc.is_main_process, base=base
+    )
     start, position = resumed if resumed is not None else (None, Position())
     already_done = position.step >= recipe.train.steps
 
@@ -272,7 +277,9 @@ def train(
                 sync = contextlib.nullcontext() if micro == accumulation - 1 else acc.no_sync(model)
                 with sync, acc.autocast():
                     output_ = _forward(model, batch, x_t, t, drop)
-                    loss = diffusion.training_losses(output_, x0, t, noise)["loss"].mean()
+                    losses = diffusion.training_losses(output_, x0, t, noise)["loss"]
+                    # Per-sample weights where the batch has them (DreamBooth's prior preservation), else the mean.
+                    loss = (losses * batch["loss_weight"]).sum() if "loss_weight" in batch else losses.mean()
                 acc.backward(loss / accumulation)
                 step_loss += loss.detach() / accumulation
                 position.epoch, position.batch = epoch, next_batch
@@ -334,7 +341,7 @@ def train(
                 _check_replicas(acc, raw_model)
                 if acc.is_main_process:
                     last = save_training_checkpoint(
-                        output, recipe, resolved, raw_model, ema, optimizer, scheduler, position
+                        output, recipe, resolved, raw_model, ema, optimizer, scheduler, position, base=base
                     )
                 acc.wait_for_everyone()
                 last = checkpoint_dirs(output)[-1][1]
@@ -404,9 +411,26 @@ def _tensorboard(output: Path) -> Any:
 
 
 def _ema_model(model: nn.Module, ema: EMA) -> nn.Module:
+    """A plain model with the EMA weights (an adapter's EMA folded into its base)."""
+    if any(".lora_" in name for name in ema.names):
+        return merged_model(model, state_dict=ema.state_dict(model))
     copy = build_model(model.config).to(ema.params[0].device)
     copy.load_state_dict(ema.state_dict(model), strict=True)
     return copy.eval()
+
+
+def hold_base(model: nn.Module, base_dtype: str, mixed_precision: str) -> None:
+    """Store an adapter run's frozen base in half precision where ``adapter.base_dtype`` asks for it; its autocast
+    must compute in that precision (the base's layers would otherwise meet fp32 inputs)."""
+    if base_dtype == "fp32":
+        return
+    if mixed_precision != base_dtype:
+        resolved = "fp32" if mixed_precision == "no" else mixed_precision
+        raise PixartError(
+            f"adapter.base_dtype: {base_dtype} needs train.mixed_precision {base_dtype} (this run computes in "
+            f"{resolved}); set both, or adapter.base_dtype=fp32"
+        )
+    hold_base_in(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[base_dtype])
 
 
 def _step_of(line: str) -> int:

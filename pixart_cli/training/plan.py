@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from pixart_cli.adapters.lora import add_adapter
 from pixart_cli.checkpoints.format import build_model, latest_in_run
 from pixart_cli.config import to_dict
 from pixart_cli.data.sources import expand_braces, is_shard_pattern
@@ -91,14 +92,19 @@ def count_parameters(recipe: Recipe) -> tuple[int, int]:
         except (RuntimeError, TypeError, ValueError, OverflowError) as exc:  # e.g. a width whose matrices overflow
             detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise PixartError(f"model.config: cannot build this model ({detail})") from None
+        if recipe.adapter is not None:
+            with torch.device("meta"):
+                add_adapter(model, recipe.adapter)
         params = list(model.parameters())
         counts.append((sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
     (one, one_trainable), (two, two_trainable) = counts
     return one + (config.depth - 1) * (two - one), one_trainable + (config.depth - 1) * (two_trainable - one_trainable)
 
 
-def memory_estimate(recipe: Recipe, parameters: int) -> float:
-    """Peak GiB per GPU: persistent training state plus saved activations of one micro-batch."""
+def memory_estimate(recipe: Recipe, parameters: int, trainable: int | None = None) -> float:
+    """Peak GiB per GPU: persistent training state plus saved activations of one micro-batch. ``parameters``
+    are all of them, ``trainable`` those trained (default: all); a frozen base holds only its weights, in
+    ``adapter.base_dtype``."""
     config = recipe.model_config()
     latent = recipe.data.resolution // (1 if recipe.data.vae == "none" else 8)
     tokens = (latent // config.patch_size) ** 2
@@ -107,7 +113,10 @@ def memory_estimate(recipe: Recipe, parameters: int) -> float:
         per_sample = config.depth * tokens * config.hidden_size * 4 + per_block
     else:
         per_sample = config.depth * per_block
-    return (STATE_BYTES_PER_PARAM * parameters + recipe.train.batch_size * per_sample) / GIB
+    trainable = parameters if trainable is None else trainable
+    frozen_bytes = 2 if recipe.adapter is not None and recipe.adapter.base_dtype != "fp32" else 4
+    state = STATE_BYTES_PER_PARAM * trainable + frozen_bytes * (parameters - trainable)
+    return (state + recipe.train.batch_size * per_sample) / GIB
 
 
 def launch_command(recipe_path: str, recipe: Recipe, overrides: tuple[str, ...] = ()) -> str:
@@ -224,7 +233,7 @@ def plan(recipe: Recipe, recipe_path: str, overrides: tuple[str, ...] = ()) -> P
         steps=recipe.train.steps,
         images=recipe.global_batch(world) * recipe.train.steps,
         learning_rate=recipe.learning_rate(world),
-        memory_gib=memory_estimate(recipe, trainable),
+        memory_gib=memory_estimate(recipe, parameters, trainable),
         launch=launch_command(recipe_path, recipe, overrides),
         precision=describe_precision(recipe),
         time=time_estimate(recipe, parameters, tokens),

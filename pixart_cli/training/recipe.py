@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pixart_cli.adapters.settings import AdapterSection
 from pixart_cli.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, to_dict
 from pixart_cli.data.sources import DEFAULT_CAPTION_FIELDS, UnknownCaptionField, check_caption_field
 from pixart_cli.errors import PixartError
@@ -261,6 +262,34 @@ class ClusterSection:
 
 
 @dataclass(frozen=True)
+class DreamBoothSection:
+    """DreamBooth (Ruiz et al. 2023, arXiv 2208.12242): the images at ``data.path`` all show one subject, each
+    captioned ``instance_prompt`` (an identifier the tokenizer represents distinctly, e.g. "a sks dog"), or each its
+    own caption where that names the new concept (a new word). With ``class_prompts`` (prior preservation),
+    ``class_images`` images per prompt drawn by the base model itself join every batch, their loss weighted by
+    ``prior_loss_weight``, so the model keeps what it knew."""
+
+    instance_prompt: str | None = None  # None: each image's own caption
+    class_prompts: tuple[str, ...] = ()  # empty: no prior preservation
+    class_images: int = 100  # per class prompt; drawn once into class_dir (kept: reruns and resumes reuse them)
+    class_dir: str | None = None  # default: <output.dir>/class-images
+    prior_loss_weight: float = 1.0
+    class_steps: int = 20  # sampler steps for the class images (dpm-solver)
+    class_cfg: float = 4.5
+
+    def __post_init__(self) -> None:
+        if self.instance_prompt is not None and not self.instance_prompt.strip():
+            raise ValueError("instance_prompt: empty; give the identifier prompt (e.g. 'a sks dog') or leave it out")
+        if any(not prompt.strip() for prompt in self.class_prompts):
+            raise ValueError("class_prompts: an empty prompt")
+        _positive(self, "class_images", "class_steps")
+        if not (math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0):
+            raise ValueError(f"prior_loss_weight: must be a number ≥ 0, got {self.prior_loss_weight}")
+        if not (math.isfinite(self.class_cfg) and self.class_cfg >= 0):
+            raise ValueError(f"class_cfg: must be a number ≥ 0, got {self.class_cfg}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     stage: int
@@ -271,6 +300,10 @@ class Recipe:
     output: OutputSection = field(default_factory=OutputSection)
     log: LogSection = field(default_factory=LogSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    # Train a low-rank adapter on the frozen model.init instead of every weight (fine-tuning; docs/adapters.md).
+    adapter: AdapterSection | None = None
+    # Teach one subject from a few images under an identifier prompt (docs/adapters.md#dreambooth).
+    dreambooth: DreamBoothSection | None = None
     description: str | None = None
 
     def __post_init__(self) -> None:
@@ -282,6 +315,13 @@ class Recipe:
             raise ValueError(f"stage {self.stage} trains PixArt: model.architecture must be PixArt")
         if self.stage == 1 and self.data.captions is not None:
             raise ValueError("data.captions: stage 1 trains on class labels, not captions")
+        if self.adapter is not None and (self.model.architecture != "PixArt" or self.model.init is None):
+            raise ValueError("adapter: an adapter fine-tunes a trained PixArt: set model.init to the base model")
+        if self.dreambooth is not None:
+            if self.model.architecture != "PixArt" or self.model.init is None:
+                raise ValueError("dreambooth: DreamBooth fine-tunes a trained PixArt: set model.init to the base model")
+            if self.data.captions is not None:
+                raise ValueError("data.captions: DreamBooth captions every image with dreambooth.instance_prompt")
 
     # -- derived quantities ---------------------------------------------------------------------------------------
     def model_config(self) -> PixArtConfig | DiTConfig:

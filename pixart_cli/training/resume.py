@@ -18,7 +18,19 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from pixart_cli.adapters.format import (
+    ADAPTER_CONFIG,
+    Adapter,
+    BaseReference,
+    is_adapter_dir,
+    load_adapter,
+    read_adapter_config,
+    write_adapter_files,
+)
+from pixart_cli.adapters.lora import adapter_state_dict, load_adapter_weights
 from pixart_cli.checkpoints.format import (
+    ADAPTER_EMA_FILE,
+    ADAPTER_FILE,
     CHECKPOINTS,
     EMA_FILE,
     MODEL_FILE,
@@ -140,9 +152,11 @@ def check_resume(recipe: Recipe, resolved: dict, resume: str | None) -> None:
 def _check_files(checkpoint: Path) -> None:
     """Find a missing, cut-short or foreign file of a training checkpoint from its headers, without reading the
     weights (the full load in :func:`_restore` catches what this cannot)."""
-    if not (checkpoint / EMA_FILE).is_file():  # never restart the EMA from the raw weights unsaid
-        raise DamagedCheckpoint(f"{checkpoint / EMA_FILE}: missing (a training checkpoint holds its EMA weights)")
-    for name in (MODEL_FILE, EMA_FILE):
+    adapter = (checkpoint / ADAPTER_CONFIG).is_file()
+    weights, ema = (ADAPTER_FILE, ADAPTER_EMA_FILE) if adapter else (MODEL_FILE, EMA_FILE)
+    if not (checkpoint / ema).is_file():  # never restart the EMA from the raw weights unsaid
+        raise DamagedCheckpoint(f"{checkpoint / ema}: missing (a training checkpoint holds its EMA weights)")
+    for name in (weights, ema):
         try:
             with safe_open(str(checkpoint / name), "pt"):
                 pass  # opening validates the header against the file's length
@@ -154,28 +168,59 @@ def _check_files(checkpoint: Path) -> None:
     except (zipfile.BadZipFile, OSError) as exc:
         raise DamagedCheckpoint(f"{checkpoint / STATE_FILE}: not a PyTorch checkpoint file ({exc})") from None
     try:
-        read_config(checkpoint)
+        read_adapter_config(checkpoint) if adapter else read_config(checkpoint)
     except PixartError as exc:
         raise DamagedCheckpoint(str(exc)) from None
 
 
+def _restore_adapter(checkpoint: Path, model: nn.Module, ema: EMA, base: BaseReference | None) -> None:
+    if base is None:
+        raise PixartError(f"--resume: {checkpoint} holds an adapter, and the recipe trains every weight")
+    adapter = load_adapter(checkpoint)
+    if adapter.base.sha256 != base.sha256:
+        raise PixartError(
+            f"--resume: {checkpoint} trained its adapter on {adapter.base.path} (weights sha256 "
+            f"{adapter.base.sha256[:12]}), and model.init {base.path} now holds other weights ({base.sha256[:12]})"
+        )
+    assert adapter.ema_state_dict is not None  # checked by _check_files
+    load_adapter_weights(model, adapter.ema_state_dict, what=str(checkpoint / ADAPTER_EMA_FILE))
+    ema.copy_from(model)
+    load_adapter_weights(model, adapter.state_dict, what=str(checkpoint / ADAPTER_FILE))
+
+
 def _restore(
-    checkpoint: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, scheduler: Any, lr: float
+    checkpoint: Path,
+    model: nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    lr: float,
+    base: BaseReference | None = None,
 ) -> Position:
     """Load weights, EMA, optimiser and schedule state from a training checkpoint; a DamagedCheckpoint naming the
     file for anything missing or unreadable."""
     _check_files(checkpoint)
     position = _read_position(checkpoint)
+    adapter = is_adapter_dir(checkpoint)
+    if adapter != (base is not None):
+        held, trains = ("an adapter", "every weight") if adapter else ("every weight", "an adapter")
+        raise PixartError(f"--resume: {checkpoint} holds {held}, and the recipe trains {trains}")
     try:
-        ckpt = load_checkpoint(checkpoint)
-        check_state_dict(ckpt.state_dict, model.config, str(checkpoint / MODEL_FILE))
+        if adapter:
+            _restore_adapter(checkpoint, model, ema, base)
+        else:
+            ckpt = load_checkpoint(checkpoint)
+            check_state_dict(ckpt.state_dict, model.config, str(checkpoint / MODEL_FILE))
         state = load_torch_file(checkpoint / STATE_FILE)
     except DamagedCheckpoint:
         raise
     except PixartError as exc:
+        if str(exc).startswith("--resume"):
+            raise
         raise DamagedCheckpoint(str(exc)) from None
-    model.load_state_dict(ckpt.state_dict, strict=True)
-    ema.load(ckpt.ema_state_dict)
+    if not adapter:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+        ema.load(ckpt.ema_state_dict)
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -200,6 +245,7 @@ def resume_training(
     scheduler: Any,
     lr: float,
     main: bool,
+    base: BaseReference | None = None,
 ) -> tuple[Path, Position] | None:
     """Continue from the newest readable checkpoint (``auto``: a damaged one is set aside with a log line) or the
     named one (damaged: an error)."""
@@ -213,7 +259,7 @@ def resume_training(
             continue
         noted = _refuse_changes(path, saved, resolved)
         try:
-            position = _restore(path, model, ema, optimizer, scheduler, lr)
+            position = _restore(path, model, ema, optimizer, scheduler, lr, base)
         except DamagedCheckpoint as exc:
             damaged.append((path, str(exc)))
             continue
@@ -266,13 +312,20 @@ def save_training_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     position: Position,
+    base: BaseReference | None = None,
 ) -> Path:
-    """Write one checkpoint directory atomically (main process only) and prune old ones."""
+    """Write one checkpoint directory atomically (main process only) and prune old ones. An adapter run (``base``
+    given) writes the adapter's directory instead of the model's."""
     directory = output / CHECKPOINTS / f"step-{position.step:07d}"
-    meta = _meta(recipe, f"{recipe.name} step {position.step}")
-    checkpoint = Checkpoint(model.config, model.state_dict(), ema.state_dict(model), meta)
+    source = f"{recipe.name} step {position.step}"
     with atomic_directory(directory, overwrite=True) as tmp:
-        write_checkpoint_files(checkpoint, tmp)
+        if base is not None:
+            assert recipe.adapter is not None
+            weights, averaged = adapter_state_dict(model), adapter_state_dict(model, state_dict=ema.state_dict(model))
+            write_adapter_files(Adapter(recipe.adapter, base, model.config, weights, averaged, source), tmp)
+        else:
+            checkpoint = Checkpoint(model.config, model.state_dict(), ema.state_dict(model), _meta(recipe, source))
+            write_checkpoint_files(checkpoint, tmp)
         (tmp / RECIPE_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / STATE_FILE)
         (tmp / POSITION_FILE).write_text(json.dumps(dataclasses.asdict(position)))

@@ -9,6 +9,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from pixart_cli.adapters.format import BaseReference
+from pixart_cli.adapters.lora import add_adapter, weights_hash
 from pixart_cli.checkpoints.convert import detect_format, read_any
 from pixart_cli.checkpoints.format import (
     build_model,
@@ -37,6 +39,13 @@ class InitialWeights(NamedTuple):
     description: str  # one line for the log
     new_caption_path: bool  # the caption projection starts fresh (from scratch, or from a DiT)
     prediction_type: str | None = None  # what the source model predicts (None: a fresh initialisation)
+    weight_set: str = "model"  # "ema" or "model": which of the source's weight sets
+
+
+class TrainingModel(NamedTuple):
+    model: nn.Module
+    description: str  # one line for the log
+    base: BaseReference | None = None  # adapter runs: the frozen base the adapter trains on
 
 
 def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> InitialWeights:
@@ -85,12 +94,13 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> Initial
             if keys
         )
         raise PixartError(f"model.init: {init} does not fit the recipe's model ({detail})")
-    return InitialWeights(weights, fresh, source, from_dit, prediction_type)
+    return InitialWeights(weights, fresh, source, from_dit, prediction_type, "ema" if use_ema else "model")
 
 
-def build_training_model(recipe: Recipe) -> tuple[nn.Module, str]:
+def build_training_model(recipe: Recipe) -> TrainingModel:
+    """The model a recipe trains, from its initial weights; with ``adapter``, the frozen base with a fresh adapter."""
     config = recipe.model_config()
-    weights, fresh, description, new_caption_path, source_prediction = initial_weights(recipe, config)
+    weights, fresh, description, new_caption_path, source_prediction, weight_set = initial_weights(recipe, config)
     if source_prediction not in (None, config.prediction_type):
         if "prediction_type" in recipe.model.config:  # a deliberate switch: the model learns the new target
             description += f"; switching from {source_prediction} to {config.prediction_type} prediction"
@@ -115,4 +125,24 @@ def build_training_model(recipe: Recipe) -> tuple[nn.Module, str]:
                 nn.init.xavier_uniform_(linear.weight)
         description += "; caption projection xavier-initialised"
     model.enable_gradient_checkpointing(recipe.model.gradient_checkpointing)
-    return model, description
+    if recipe.adapter is None:
+        return TrainingModel(model, description)
+    if new_caption_path:
+        raise PixartError(f"adapter: {recipe.model.init} is not a PixArt model; an adapter fine-tunes a trained PixArt")
+    if fresh:
+        raise PixartError(
+            f"adapter: {recipe.model.init} lacks layers the recipe's model has ({', '.join(sorted(fresh)[:3])}); an "
+            "adapter trains on a complete base"
+        )
+    init = recipe.model.init
+    where = init if init.startswith("builtin:") else str(latest_in_run(init).resolve())  # a run: its checkpoint
+    base = BaseReference(where, weights_hash(model.state_dict()), weight_set)  # type: ignore[arg-type]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.train.seed)  # the same adapter initialisation on every process
+        layers = add_adapter(model, recipe.adapter)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    description += (
+        f"; frozen, with a {recipe.adapter.type.upper()} adapter of rank {recipe.adapter.rank} on {len(layers)} "
+        f"layers ({trained:,} parameters trained)"
+    )
+    return TrainingModel(model, description, base)

@@ -543,14 +543,14 @@ def test_caption_init_xavier_applies_only_to_a_fresh_caption_projection(tmp_path
 
     def fc1_std(*sets: str) -> float:
         recipe, _ = load_recipe(shapes, [tiny, *sets])
-        model, _ = build_training_model(recipe)
+        model = build_training_model(recipe).model
         return model.y_embedder.y_proj.fc1.weight.std().item()
 
     assert fc1_std("model.init=null", "model.caption_init=official") == pytest.approx(0.02, rel=0.1)
     xavier = (6 / (32 + 96)) ** 0.5 / 3**0.5  # std of xavier-uniform for 32 → 96
     assert fc1_std("model.init=null", "model.caption_init=xavier") == pytest.approx(xavier, rel=0.1)
     recipe, _ = load_recipe(shapes, ["model.caption_init=xavier"])  # from the shipped DiT (6 × 240, T5 width 64)
-    from_dit, _ = build_training_model(recipe)
+    from_dit = build_training_model(recipe).model
     assert from_dit.y_embedder.y_proj.fc1.weight.std().item() == pytest.approx((2 / (64 + 240)) ** 0.5, rel=0.1)
     recipe, _ = load_recipe(shapes, [tiny])
     pixart = build_model(recipe.model_config())
@@ -634,10 +634,10 @@ def test_v_prediction_trains_is_recorded_and_is_inherited_from_model_init(world,
     assert load_checkpoint(checkpoint).config.prediction_type == "v_prediction"
     inherit = [*_pairs(stage2_args(world, tmp_path / "next")), f"model.init={checkpoint}"]
     recipe, _ = load_recipe(stage2, inherit)
-    model, description = build_training_model(recipe)
+    model, description, _ = build_training_model(recipe)
     assert model.config.prediction_type == "v_prediction" and "predicts v_prediction" in description
     recipe, _ = load_recipe(stage2, [*inherit, f"model.config={TINY_MODEL.rstrip('}')}, prediction_type: epsilon}}"])
-    model, description = build_training_model(recipe)
+    model, description, _ = build_training_model(recipe)
     assert model.config.prediction_type == "epsilon" and "switching from v_prediction to epsilon" in description
 
 

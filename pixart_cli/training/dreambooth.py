@@ -1,0 +1,169 @@
+"""DreamBooth (Ruiz et al. 2023, arXiv 2208.12242): one subject from a few images, under an identifier prompt.
+
+Every image at ``data.path`` is captioned ``dreambooth.instance_prompt`` (or keeps its own caption). With
+``class_prompts`` (prior preservation), the base model first draws ``class_images`` images per prompt — with
+``pixart sample``'s writer, at ``data.resolution``, so they are resumable, recorded and reused by later runs — and
+every micro-batch then holds ``train.batch_size`` instance images followed by as many class images; the loss is the
+instance images' mean plus ``prior_loss_weight`` times the class images' mean (per-sample weights ``loss_weight``
+in the batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pixart_cli.data.loader import DataFaults, LoaderBatches
+from pixart_cli.data.sources import Record, Source, read_source
+from pixart_cli.errors import PixartError
+from pixart_cli.sampling.pipeline import Pipeline
+from pixart_cli.sampling.settings import SampleSettings
+from pixart_cli.sampling.writer import MANIFEST, read_manifest, write_samples
+from pixart_cli.training.batches import ensure_shapes_dataset, on_the_fly_batches
+from pixart_cli.training.recipe import DreamBoothSection, Recipe
+
+logger = logging.getLogger(__name__)
+
+CLASS_DIR = "class-images"
+_CLASS_SEED_OFFSET = 1  # the class images' loader draws from its own stream
+
+
+def class_dir(recipe: Recipe) -> Path:
+    section = recipe.dreambooth
+    assert section is not None
+    return Path(section.class_dir) if section.class_dir else Path(recipe.output.dir) / CLASS_DIR
+
+
+def make_class_images(recipe: Recipe, device: torch.device) -> Path:
+    """Draw the class images with the base model (``model.init``, its own EMA weights when it has them) into
+    :func:`class_dir`; images already there with the same settings are kept."""
+    section = recipe.dreambooth
+    assert section is not None and section.class_prompts
+    out = class_dir(recipe)
+    side = recipe.data.resolution
+    settings = SampleSettings(
+        steps=section.class_steps, cfg=section.class_cfg, seed=recipe.train.seed,
+        num_images_per_prompt=section.class_images, batch_size=min(8, section.class_images), height=side, width=side,
+    )  # fmt: skip
+    pipeline = Pipeline.from_pretrained(
+        recipe.model.init, t5=recipe.data.text_encoder, vae=recipe.data.vae, device=device, dtype=torch.float32
+    )
+    report = write_samples(pipeline, list(section.class_prompts), out, settings)
+    logger.info("class images: %d drawn, %d kept from before, in %s", len(report.written), len(report.skipped), out)
+    return out
+
+
+def instance_source(recipe: Recipe) -> Source:
+    """The subject's images, each captioned with the instance prompt (their own captions are not read), or with
+    its own caption without one."""
+    section = recipe.dreambooth
+    assert section is not None
+    if recipe.data.path is None:
+        raise PixartError("data.path: DreamBooth needs the subject's images (a folder of a few images)")
+    if recipe.data.cache:
+        raise PixartError("data.cache: DreamBooth encodes its few images as it trains; leave data.cache out")
+    if section.instance_prompt is None:
+        return read_source(recipe.data.path, recipe.data.kind)
+    source = read_source(recipe.data.path, recipe.data.kind, keep_empty_captions=True)
+    records = [dataclasses.replace(r, caption=section.instance_prompt, captions={}) for r in source.records]
+    return dataclasses.replace(source, records=records)
+
+
+def class_source(directory: Path, section: DreamBoothSection) -> Source:
+    """The class images the base drew, each captioned with its prompt (read from the manifest beside them)."""
+    wanted = set(section.class_prompts)
+    records = [
+        Record(path=(directory / r["file"]).resolve(), caption=r["prompt"])
+        for r in read_manifest(directory / MANIFEST).values()
+        if r.get("prompt") in wanted and (directory / r["file"]).is_file()
+    ]
+    expected = section.class_images * len(section.class_prompts)
+    if len(records) < expected:
+        raise PixartError(f"{directory}: {len(records)} class images, {expected} expected")
+    return Source("captions", directory, sorted(records, key=lambda r: r.path))
+
+
+class PriorPreservationBatches:
+    """Instance batches followed, in the same micro-batch, by class batches: the trainer's batch source.
+
+    The data position is the instance source's; the class source's is the same count of batches into its own
+    epochs, so a resumed run reads the same class images at every step.
+    """
+
+    def __init__(self, instance: LoaderBatches, prior: LoaderBatches, prior_loss_weight: float) -> None:
+        self.instance, self.prior, self.weight = instance, prior, prior_loss_weight
+
+    @property
+    def faults(self) -> DataFaults:
+        """What both sources left out."""
+        both = DataFaults(dict(self.instance.faults.unreadable), self.instance.faults.missing_captions)
+        both.unreadable.update(self.prior.faults.unreadable)
+        both.missing_captions += self.prior.faults.missing_captions
+        return both
+
+    def iterate(self, epoch: int, start: int, device: torch.device | str) -> Iterator[tuple[int, int, dict]]:
+        done = epoch * len(self.instance) + start  # micro-batches already read
+        prior = self.prior.iterate(done // len(self.prior), done % len(self.prior), device)
+        instance = self.instance.iterate(epoch, start, device)
+        # Both are endless: zip ends only when the trainer stops asking.
+        for (at_epoch, position, batch), (_, _, extra) in zip(instance, prior, strict=False):
+            yield at_epoch, position, combine(batch, extra, self.weight)
+
+
+def _pad_tokens(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    if tensor.shape[1] == length:
+        return tensor
+    pad = tensor.new_zeros((tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:]))
+    return torch.cat([tensor, pad], dim=1)
+
+
+def combine(instance: dict[str, Any], prior: dict[str, Any], prior_loss_weight: float) -> dict[str, Any]:
+    """One batch of both, captions padded to a common length; ``loss_weight`` makes the summed loss the
+    instance mean plus ``prior_loss_weight`` × the class mean."""
+    if instance["x0"].shape[1:] != prior["x0"].shape[1:]:
+        raise PixartError(
+            f"dreambooth: instance images of {tuple(instance['x0'].shape[2:])} and class images of "
+            f"{tuple(prior['x0'].shape[2:])} cannot share a batch (give the instance images the class images' size)"
+        )
+    length = max(instance["caption"].shape[1], prior["caption"].shape[1])
+    a, b = instance["x0"].shape[0], prior["x0"].shape[0]
+    out = {key: torch.cat([instance[key], prior[key]]) for key in ("resolution", "aspect_ratio") if key in instance}
+    out |= {
+        "x0": torch.cat([instance["x0"], prior["x0"]]),
+        "caption": torch.cat([_pad_tokens(instance["caption"], length), _pad_tokens(prior["caption"], length)]),
+        "caption_mask": torch.cat(
+            [_pad_tokens(instance["caption_mask"], length), _pad_tokens(prior["caption_mask"], length)]
+        ),
+    }
+    device = out["x0"].device
+    out["loss_weight"] = torch.cat([torch.full((a,), 1.0 / a), torch.full((b,), prior_loss_weight / b)]).to(device)
+    return out
+
+
+def dreambooth_batches(recipe: Recipe, accelerator: Any) -> LoaderBatches | PriorPreservationBatches:
+    """The batch source of a ``dreambooth:`` recipe (class images drawn first where prior preservation asks)."""
+    section = recipe.dreambooth
+    assert section is not None
+    if accelerator.is_main_process:
+        ensure_shapes_dataset(recipe)
+    accelerator.wait_for_everyone()
+    instance = on_the_fly_batches(instance_source(recipe), recipe, accelerator)
+    captioned = repr(section.instance_prompt) if section.instance_prompt else "with their own captions"
+    logger.info("data: %d instance images, captioned %s", len(instance.loader.dataset), captioned)
+    if not section.class_prompts:
+        return instance
+    if accelerator.is_main_process:
+        make_class_images(recipe, accelerator.device)
+    accelerator.wait_for_everyone()
+    source = class_source(class_dir(recipe), section)
+    prior = on_the_fly_batches(
+        source, recipe, accelerator, seed=recipe.train.seed + _CLASS_SEED_OFFSET,
+        encoders=(instance.autoencoder, instance.text_encoder),
+    )  # fmt: skip
+    logger.info("data: %d class images of %s", len(source.records), ", ".join(map(repr, section.class_prompts)))
+    return PriorPreservationBatches(instance, prior, section.prior_loss_weight)
