@@ -75,6 +75,7 @@ def merge_into(
 ) -> ConvertReport:
     """Write ``base`` with the adapters (directory, scale) merged into its weights, in any target format
     (``options`` as :func:`pixart_cli.checkpoints.convert.convert`). ``ema`` picks each adapter's weights."""
+    # ``ema`` chose the adapters' weights; the merged checkpoint holds one weight set, which convert writes as is.
     report = convert(
         base, dst, to, transform=lambda checkpoint: apply_adapters(checkpoint, adapters, str(base), ema=ema), **options
     )

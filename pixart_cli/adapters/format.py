@@ -13,14 +13,13 @@ Applying an adapter to a base whose weights hash differently is an error naming 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
-from safetensors.torch import save_file
 
 import pixart_cli
 from pixart_cli.adapters.lora import (
@@ -41,8 +40,9 @@ from pixart_cli.checkpoints.format import (
     build_model,
     latest_in_run,
     read_weights,
+    write_weight_files,
 )
-from pixart_cli.config import ConfigError, from_dict, to_dict
+from pixart_cli.config import ConfigError, from_dict, read_yaml_mapping, to_dict
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_directory
 from pixart_cli.models import PixArtConfig
@@ -113,11 +113,8 @@ def write_adapter_files(adapter: Adapter, directory: Path) -> None:
         "source": adapter.source,
         "pixart_version": pixart_cli.__version__,
     }
-    for name, weights in ((ADAPTER_FILE, adapter.state_dict), (ADAPTER_EMA_FILE, adapter.ema_state_dict)):
-        if weights is not None:
-            tensors = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
-            save_file(tensors, str(directory / name), metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG).write_text(yaml.safe_dump(record, sort_keys=False))
+    weights = {ADAPTER_FILE: adapter.state_dict, ADAPTER_EMA_FILE: adapter.ema_state_dict}
+    write_weight_files(directory, weights, ADAPTER_CONFIG, record, dtype=torch.float32)
 
 
 def save_adapter(adapter: Adapter, directory: str | Path, overwrite: bool = False) -> Path:
@@ -129,14 +126,9 @@ def save_adapter(adapter: Adapter, directory: str | Path, overwrite: bool = Fals
 
 def read_adapter_config(directory: Path) -> _AdapterFile:
     path = directory / ADAPTER_CONFIG
+    raw = read_yaml_mapping(path, "adapter description")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise PixartError(f"{path}: cannot read ({exc.strerror})") from None
-    except (UnicodeDecodeError, yaml.YAMLError):
-        raise PixartError(f"{path}: not a YAML adapter description") from None
-    try:
-        record = from_dict(_AdapterFile, raw if isinstance(raw, dict) else {})
+        record = from_dict(_AdapterFile, raw)
         if record.format != ADAPTER_FORMAT:
             raise ConfigError(f"format: expected {ADAPTER_FORMAT!r}, got {record.format!r}")
         if record.format_version > ADAPTER_FORMAT_VERSION:
@@ -168,14 +160,17 @@ def load_adapter(path: str | Path) -> Adapter:
 
 
 def parse_adapter_arg(text: str) -> tuple[str, float]:
-    """``DIR`` or ``DIR:SCALE`` (scale 1 by default)."""
+    """``DIR`` or ``DIR:SCALE`` (scale 1 by default; a path that exists as written is a path)."""
     head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
+    if not sep or not head or Path(text).exists():
+        return text, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        return text, 1.0
+    if not math.isfinite(scale):
+        raise PixartError(f"{text}: the scale after ':' must be a finite number")
+    return head, scale
 
 
 def adapter_base(path: str | Path) -> str:
@@ -193,36 +188,32 @@ def _short(digest: str) -> str:
 
 def _base_weights(checkpoint: Checkpoint, adapters: Sequence[tuple[str, Adapter]], base_name: str) -> StateDict:
     """The base's weight set (EMA or raw) every adapter was trained on, found by content hash."""
-    sets = {"ema": checkpoint.ema_state_dict, "model": checkpoint.state_dict}
+    sets = {k: v for k, v in (("ema", checkpoint.ema_state_dict), ("model", checkpoint.state_dict)) if v is not None}
     hashes: dict[str, str] = {}
-    chosen: StateDict | None = None
+
+    def hash_of(which: str) -> str:
+        if which not in hashes:
+            hashes[which] = weights_hash(sets[which])
+        return hashes[which]
+
+    chosen: str | None = None
     for name, adapter in adapters:
         if dataclasses.replace(adapter.config, variant=None) != dataclasses.replace(checkpoint.config, variant=None):
             raise PixartError(f"{name}: an adapter for another model shape than {base_name}'s")
         # The set it names first (cheap when right), then the other one.
-        order = [adapter.base.weights, "model" if adapter.base.weights == "ema" else "ema"]
-        match = None
-        for which in order:
-            if sets[which] is None:
-                continue
-            hashes.setdefault(which, weights_hash(sets[which]))
-            if hashes[which] == adapter.base.sha256:
-                match = sets[which]
-                break
+        order = sorted(sets, key=lambda which: which != adapter.base.weights)
+        match = next((which for which in order if hash_of(which) == adapter.base.sha256), None)
         if match is None:
-            for which in order:  # hash both, so the error names both
-                if sets[which] is not None:
-                    hashes.setdefault(which, weights_hash(sets[which]))
-            found = ", ".join(f"{_short(h)} ({which} weights)" for which, h in hashes.items())
+            found = ", ".join(f"{hash_of(which)[:12]} ({which} weights)" for which in order)
             raise PixartError(
-                f"{name}: trained on {adapter.base.path} (weights sha256 {_short(adapter.base.sha256)}), not on "
+                f"{name}: trained on {adapter.base.path} (weights sha256 {adapter.base.sha256[:12]}), not on "
                 f"{base_name} (sha256 {found}); apply it to the base it was trained on"
             )
-        if chosen is not None and match is not chosen:
+        if chosen is not None and hash_of(match) != hash_of(chosen):
             raise PixartError(f"{name}: trained on the base's other weight set than the adapters before it")
         chosen = match
     assert chosen is not None
-    return chosen
+    return sets[chosen]
 
 
 def apply_adapters(
@@ -246,7 +237,8 @@ def apply_adapters(
         load_adapter_weights(model, adapter.weights(ema), name, what=path)
         scale_adapter(model, name, scale)
         names.append(name)
-    merged = merged_state_dict(model, names)
+    dtype = next(iter(base.values())).dtype  # the base's precision, as it was stored
+    merged = {k: v.to(dtype) if v.is_floating_point() else v for k, v in merged_state_dict(model, names).items()}
     described = " + ".join(f"{path}:{scale:g}" for path, _, scale in loaded)
     meta = dataclasses.replace(checkpoint.meta, source=f"{base_name} with adapters {described}")
     return Checkpoint(checkpoint.config, merged, None, meta)

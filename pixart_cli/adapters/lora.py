@@ -158,11 +158,17 @@ def merged_model(model: nn.Module, names: list[str] | None = None, state_dict: S
     return plain.to(next(iter(weights.values())).device).eval()
 
 
+# Buffers a copy of the same model may hold differently: diffusers keeps no null caption, and reading its weights
+# makes a fresh one (pixart_cli.checkpoints.convert.DIFFUSERS_CREATED). Not trained, so not part of the identity.
+UNHASHED = ("y_embedder.y_embedding",)
+
+
 def weights_hash(state_dict: StateDict) -> str:
-    """SHA-256 of a model's weights (names, shapes and values rounded to bf16), independent of the file format and
-    of the precision a copy is stored in: an fp32 base and its bf16 copy have the same hash."""
+    """SHA-256 of a model's weights (names, shapes and values rounded to bf16), independent of the file format:
+    the official .pth, our directory and a diffusers copy of one model hash alike, and so do its fp32 and bf16
+    copies (an fp16 copy rounds differently: it is another base to this check)."""
     digest = hashlib.sha256()
-    for key in sorted(state_dict):
+    for key in sorted(k for k in state_dict if k not in UNHASHED):
         tensor = state_dict[key].detach().to("cpu", torch.bfloat16).contiguous()
         digest.update(f"{key}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.view(torch.int16).numpy().tobytes())

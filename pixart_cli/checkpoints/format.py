@@ -172,11 +172,25 @@ def write_checkpoint_files(checkpoint: Checkpoint, directory: Path) -> None:
         "meta": _meta_dict(checkpoint.meta),
         "pixart_version": pixart_cli.__version__,
     }
-    for name, sd in ((MODEL_FILE, checkpoint.state_dict), (EMA_FILE, checkpoint.ema_state_dict)):
+    weights = {MODEL_FILE: checkpoint.state_dict, EMA_FILE: checkpoint.ema_state_dict}
+    write_weight_files(directory, weights, CONFIG_FILE, config)
+
+
+def write_weight_files(
+    directory: Path,
+    weights: dict[str, StateDict | None],
+    config_name: str,
+    config: dict,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Safetensors files (those not None; cast to ``dtype`` when given) and the YAML file that describes them."""
+    for name, sd in weights.items():
         if sd is not None:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+            tensors = {
+                k: (v.detach() if dtype is None else v.detach().to(dtype)).contiguous().cpu() for k, v in sd.items()
+            }
             save_file(tensors, str(directory / name), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    (directory / config_name).write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def save_checkpoint(checkpoint: Checkpoint, directory: str | Path, overwrite: bool = False) -> Path:

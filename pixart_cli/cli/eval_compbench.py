@@ -28,6 +28,7 @@ from pixart_cli.cli.generation import (
     DTypeOpt,
     HeightOpt,
     LimitOpt,
+    LoraOpt,
     ModelOpt,
     SamplerOpt,
     StepsOpt,
@@ -36,6 +37,7 @@ from pixart_cli.cli.generation import (
     WidthOpt,
     device_and_shard,
     image_maker,
+    model_and_adapters,
     recorded_generation,
     stage_progress,
 )
@@ -83,6 +85,14 @@ def eval_compbench(
         str, typer.Option("--categories", help="Comma-separated T2I-CompBench categories.")
     ] = "color,shape,texture,spatial,non_spatial,complex",
     model: ModelOpt = None,
+    lora: LoraOpt = None,
+    concept: Annotated[
+        str | None,
+        typer.Option(
+            "--concept",
+            help="--bench shapes: one-object prompts of this concept colour (e.g. pink) instead of the held-out ones.",
+        ),
+    ] = None,
     images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", help="Images per prompt.")] = 10,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")] = Path("eval-compbench"),
     scorer: Annotated[
@@ -133,10 +143,13 @@ def eval_compbench(
     from pixart_cli.shapesworld.bench import evaluate_shapes
 
     torch_device, shard = device_and_shard(device)
+    model, adapters = model_and_adapters(model, lora)
     if (height is None) != (width is None):
         raise PixartError("give both --width and --height, or neither (the model's own size)")
     if prompt_style is not PromptStyle.dense and bench is not Bench.shapes:
         raise PixartError("--prompt-style is for --bench shapes (T2I-CompBench's prompts are fixed)")
+    if concept is not None and bench is not Bench.shapes:
+        raise PixartError("--concept is for --bench shapes (a colour taught to a ShapesWorld model)")
     if complete_prompts and bench is not Bench.shapes:
         raise PixartError("--complete-prompts is for --bench shapes (it words prompts as ShapesWorld captions)")
     if complete_prompts and model is not None:
@@ -145,17 +158,18 @@ def eval_compbench(
         check_prompt_completion(model, t5)  # before anything is written
     # The benchmark lays out each image's seed (seed + j for image j of a prompt): the settings' own is not read.
     settings = SampleSettings(sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, height=height, width=width)
-    generation = recorded_generation(settings, model, t5, vae, dtype, complete_prompts=complete_prompts)
+    generation = recorded_generation(settings, model, t5, vae, dtype, complete_prompts=complete_prompts, lora=lora)
     maker = image_maker(
-        model, settings, device=torch_device, dtype=dtype, t5=t5, vae=vae, complete_prompts=complete_prompts
-    )
+        model, settings, device=torch_device, dtype=dtype, t5=t5, vae=vae, complete_prompts=complete_prompts,
+        adapters=adapters,
+    )  # fmt: skip
     quiet_hub_libraries()
     with library_logging(), stage_progress(shard.is_main) as progress:
         if bench is Bench.shapes:
             report = evaluate_shapes(
                 output, maker, generation=generation, num_prompts=limit or 100, images_per_prompt=images_per_prompt,
                 seed=seed, aspect=width / height if width and height else 1.0, prompt_style=prompt_style.value,
-                shard=shard, progress=progress,
+                shard=shard, progress=progress, concept=concept,
             )  # fmt: skip
         else:
             if prompts is None:

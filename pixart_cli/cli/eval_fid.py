@@ -26,6 +26,7 @@ from pixart_cli.cli.generation import (
     DeviceOpt,
     DTypeOpt,
     LimitOpt,
+    LoraOpt,
     ModelOpt,
     SamplerOpt,
     StepsOpt,
@@ -33,6 +34,7 @@ from pixart_cli.cli.generation import (
     VaeOpt,
     device_and_shard,
     image_maker,
+    model_and_adapters,
     recorded_generation,
     stage_progress,
 )
@@ -65,6 +67,7 @@ def eval_fid(
     real: Annotated[Path | None, typer.Option("--real", help="Folder of real images (with --fake).")] = None,
     fake: Annotated[Path | None, typer.Option("--fake", help="Folder of generated images (with --real).")] = None,
     model: ModelOpt = None,
+    lora: LoraOpt = None,
     num: Annotated[int, typer.Option("--num", help="Captions drawn (one per distinct image).")] = 30_000,
     size: Annotated[int, typer.Option("--size", help="Both sides centre-cropped and resized to this.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the caption draw; image i uses noise seed + i.")] = 0,
@@ -109,6 +112,7 @@ def eval_fid(
         raise PixartError("--coco and --real/--fake are two different modes: pass one of them")
     inception_path = find_inception(inception)  # fail before any generation
     torch_device, shard = device_and_shard(device)
+    model, adapters = model_and_adapters(model, lora)
     cache = _cache_dir(cache_dir, no_cache)
     quiet_hub_libraries()
     with library_logging(), stage_progress(shard.is_main) as progress:
@@ -125,8 +129,8 @@ def eval_fid(
 
             # Image i's noise seed is seed + i, in its item: the settings' own seed is not read.
             settings = SampleSettings(sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size)
-            generation = recorded_generation(settings, model, t5, vae, dtype)
-            maker = image_maker(model, settings, device=torch_device, dtype=dtype, t5=t5, vae=vae)
+            generation = recorded_generation(settings, model, t5, vae, dtype, lora=lora)
+            maker = image_maker(model, settings, device=torch_device, dtype=dtype, t5=t5, vae=vae, adapters=adapters)
             if clip is not None and not (clip / "config.json").is_file():
                 raise PixartError(f"--clip {clip}: not a CLIP model directory (no config.json)")
             scorer = (lambda: ClipScorer.from_pretrained(clip, device=torch_device)) if clip else None

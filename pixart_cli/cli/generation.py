@@ -25,6 +25,14 @@ ModelOpt = Annotated[
     str | None,
     typer.Option("--model", "-m", help="Checkpoint dir, diffusers pipeline or official .pth (with --t5/--vae)."),
 ]
+LoraOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lora",
+        help="Adapter directory (or its run), optionally :SCALE; repeatable. Without --model, the base it names.",
+        show_default=False,
+    ),
+]
 T5Opt = Annotated[str | None, typer.Option("--t5", help="T5 directory (overrides the checkpoint's).")]
 VaeOpt = Annotated[str | None, typer.Option("--vae", help="VAE directory, or 'none' (overrides the checkpoint's).")]
 SamplerOpt = Annotated[str, typer.Option("--sampler", help="dpm-solver, sa-solver, ddim or iddpm.")]
@@ -51,6 +59,7 @@ def recorded_generation(
     dtype: DType | None,
     *,
     complete_prompts: bool = False,
+    lora: list[str] | None = None,
 ) -> dict:
     """The generation settings recorded beside the images (``generation.json``; resuming with others is refused).
 
@@ -70,7 +79,19 @@ def recorded_generation(
     recorded.update({k: v for k, v in (("height", settings.height), ("width", settings.width)) if v is not None})
     if complete_prompts:
         recorded["complete_prompts"] = True
+    if lora:
+        recorded["lora"] = list(lora)
     return recorded
+
+
+def model_and_adapters(model: str | None, lora: list[str] | None) -> tuple[str | None, list[tuple[str, float]]]:
+    """``--model`` (default: the base the first ``--lora`` names) and the adapters as (directory, scale)."""
+    from pixart_cli.adapters.format import adapter_base, parse_adapter_arg
+
+    adapters = [parse_adapter_arg(text) for text in lora or []]
+    if model is None and adapters:
+        model = adapter_base(adapters[0][0])
+    return model, adapters
 
 
 def image_maker(
@@ -82,6 +103,7 @@ def image_maker(
     t5: str | None,
     vae: str | None,
     complete_prompts: bool = False,
+    adapters: list[tuple[str, float]] | None = None,
 ) -> ImageMaker | None:
     """A lazy PixArt image maker (the model loads only if an image is missing), or None without --model.
 
@@ -96,7 +118,7 @@ def image_maker(
         with console.status(f"loading {model}"):
             return Pipeline.from_pretrained(
                 model, t5=t5, vae=vae, device=device, dtype=dtype.torch if dtype else None,
-                complete_prompts=complete_prompts,
+                complete_prompts=complete_prompts, adapters=adapters or (),
             )  # fmt: skip
 
     return pipeline_maker(load, settings)

@@ -21,6 +21,7 @@ import torch
 
 from pixart_cli.data.sources import Record
 from pixart_cli.data.transforms import DEFAULT_MAX_PIXELS, BadImage, image_size
+from pixart_cli.errors import PixartError
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +208,9 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
             if unused:
                 logger.info("%d of %d items fall in incomplete global batches each epoch", unused, len(bucket_of))
         if self._num_batches == 0:
-            raise ValueError(
-                f"no bucket holds a full global batch of {global_size} items ({len(bucket_of)} items in "
-                f"{len(self._members)} buckets): lower the batch size or pass drop_last=False"
+            raise PixartError(
+                f"data: no aspect-ratio bucket holds a full global batch of {global_size} items ({len(bucket_of)} "
+                f"items in {len(self._members)} buckets): lower train.batch_size, or add images"
             )
 
     def __len__(self) -> int:

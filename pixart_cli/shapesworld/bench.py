@@ -17,7 +17,7 @@ from pixart_cli.evaluation.t2i_compbench.bench import BenchReport, CategoryResul
 from pixart_cli.evaluation.t2i_compbench.layout import SCORES_FILE, SHAPES_CATEGORIES, layout
 from pixart_cli.evaluation.t2i_compbench.scorers import open_rgb
 from pixart_cli.shapesworld.detect import CHECKS, score_images
-from pixart_cli.shapesworld.prompts import heldout_prompts
+from pixart_cli.shapesworld.prompts import concept_prompts, heldout_prompts
 
 
 def evaluate_shapes(
@@ -32,6 +32,7 @@ def evaluate_shapes(
     prompt_style: str = "dense",
     shard: Shard | None = None,
     progress: Progress = no_progress,
+    concept: str | None = None,
 ) -> BenchReport | None:
     """The ShapesWorld benchmark: held-out prompts, T2I-CompBench's layout (category ``shapes``), exact scoring.
 
@@ -43,13 +44,22 @@ def evaluate_shapes(
     they apply to) plus the other checks (presence, count, binding, size) as extras of ``complex``, and the
     acceptance view: ``one_object`` colour and shape (one-object prompts), ``both_objects`` (binding on the
     two-object prompts) beside spatial.
+
+    ``concept`` (a concept colour, e.g. "pink"): one-object prompts of that colour across the shapes instead
+    (``concept_prompts``), for a model taught it; the detector then looks for that colour too.
     """
 
     started = time.monotonic()
     shard = shard or Shard()
     if num_prompts <= 0:
         raise PixartError(f"--limit must be positive, got {num_prompts}")
-    prompts = heldout_prompts(num_prompts, seed, aspect=aspect, style=prompt_style)
+    if concept is not None:
+        try:
+            prompts = concept_prompts(concept, num_prompts, seed, aspect=aspect, style=prompt_style)
+        except ValueError as exc:
+            raise PixartError(f"--concept: {exc}") from None
+    else:
+        prompts = heldout_prompts(num_prompts, seed, aspect=aspect, style=prompt_style)
     out = Path(output_dir)
     items = layout("shapes", [p.text for p in prompts], images_per_prompt, seed)
     generate_images(items, out, make_images, settings=generation, shard=shard, progress=progress)
@@ -91,7 +101,10 @@ def evaluate_shapes(
         "num_prompts": num_prompts,
         "images_per_prompt": images_per_prompt,
         "seed": seed,
-        "prompts": "pixart_cli.data.shapes.heldout_prompts(num_prompts, seed, aspect=aspect, style=prompt_style)",
+        "prompts": "pixart_cli.data.shapes.heldout_prompts(num_prompts, seed, aspect=aspect, style=prompt_style)"
+        if concept is None
+        else f"pixart_cli.shapesworld.prompts.concept_prompts({concept!r}, num_prompts, seed, aspect=aspect, "
+        "style=prompt_style)",
         "aspect": aspect,
         "prompt_style": prompt_style,
         "scorer": "pixart_cli.data.shapes_detect.score_images",

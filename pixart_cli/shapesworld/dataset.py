@@ -15,11 +15,13 @@ from pixart_cli.errors import PixartError
 from pixart_cli.shapesworld.prompts import caption
 from pixart_cli.shapesworld.world import (
     CAPTION_STYLES,
+    COLOUR_NAMES,
     MAX_OBJECTS,
     NUM_CLASSES,
     CaptionStyle,
     DatasetFormat,
     Split,
+    check_colours,
     class_folder,
     render,
     sample_scene,
@@ -41,13 +43,14 @@ def _write_items(
     caption_style: CaptionStyle,
     fmt: DatasetFormat,
     digits: int,
+    colours: Sequence[str] | None = None,
 ) -> list[str]:
     """Write scenes ``items`` (each seeded by (seed, i)); return their manifest lines (jsonl format)."""
     manifest = []
     for i in items:
         rng = np.random.default_rng([seed, i])
         width, height = sizes[int(rng.integers(len(sizes)))] if len(sizes) > 1 else sizes[0]
-        scene = sample_scene(rng, aspect=width / height, split=split, num_objects=objects)
+        scene = sample_scene(rng, aspect=width / height, split=split, num_objects=objects, colours=colours)
         image = render(scene, (width, height), antialias=antialias)
         name = f"{i:0{digits}d}.png"
         if fmt == "imagefolder":
@@ -64,9 +67,18 @@ def _write_items(
 
 
 def check_dataset_args(
-    n: int, resolution: int | tuple[int, int] | Sequence, caption_style: str, fmt: str, objects: int | None = None
+    n: int,
+    resolution: int | tuple[int, int] | Sequence,
+    caption_style: str,
+    fmt: str,
+    objects: int | None = None,
+    colours: Sequence[str] | None = None,
 ) -> list[tuple[int, int]]:
     """Validate ``write_dataset``'s arguments (ValueError naming the bad one); return the (width, height) sizes."""
+    if colours is not None:
+        check_colours(colours)
+        if fmt == "imagefolder" and any(c not in COLOUR_NAMES for c in colours):
+            raise ValueError("colours: concept colours have no class label, so no imagefolder (use jsonl or folder)")
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
     if objects is not None and (isinstance(objects, bool) or objects not in range(1, MAX_OBJECTS + 1)):
@@ -91,6 +103,7 @@ def write_dataset(
     antialias: bool = True,
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    colours: Sequence[str] | None = None,
 ) -> Path:
     """Write ``n`` scenes to ``directory`` (created; must be absent or empty) and return it.
 
@@ -105,6 +118,8 @@ def write_dataset(
       is how ImageNet-style readers assign labels, is its label.
 
     ``objects`` fixes the number of objects in every scene (None: 1–3, uniform), e.g. 1 for a quick first model.
+    ``colours`` restricts the objects' colours; it may name concept colours (``CONCEPT_COLOURS``: data to teach a
+    trained model a new colour word).
     ``resolution`` is a side, a (width, height), or a list of (width, height) sizes: then each scene draws its
     size (hence its aspect ratio) uniformly from the list, for multi-aspect training.
 
@@ -112,7 +127,7 @@ def write_dataset(
     a smaller ``n`` writes a prefix of a larger one, whatever the number of ``workers`` (processes).
     ``progress(done, n)`` is called as items are done.
     """
-    sizes = check_dataset_args(n, resolution, caption_style, fmt, objects)
+    sizes = check_dataset_args(n, resolution, caption_style, fmt, objects, colours)
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise PixartError(f"{directory}: already exists and is not an empty directory")
@@ -126,7 +141,7 @@ def write_dataset(
     digits = max(6, len(str(max(n - 1, 0))))
     job = functools.partial(
         _write_items, directory=directory, image_dir=image_dir, seed=seed, sizes=sizes, split=split,
-        objects=objects, antialias=antialias, caption_style=caption_style, fmt=fmt, digits=digits,
+        objects=objects, antialias=antialias, caption_style=caption_style, fmt=fmt, digits=digits, colours=colours,
     )  # fmt: skip
     chunk = 1 if workers <= 1 else max(1, min(1000, -(-n // workers)))  # serial: progress after every item
     ranges = [range(start, min(n, start + chunk)) for start in range(0, n, chunk)]

@@ -50,11 +50,11 @@ from PIL import Image
 from pixart_cli.shapesworld.prompts import ObjectSpec, PromptSpec
 from pixart_cli.shapesworld.world import (
     COLOUR_NAMES,
-    COLOURS,
     SHAPES,
     SIZE_EXTENT,
     SIZES,
     Scene,
+    colour_rgb,
     shape_coverage,
     spatial_relation,
 )
@@ -110,10 +110,12 @@ def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return array
 
 
-def _segment(rgb: np.ndarray, background: np.ndarray, max_residual: float) -> tuple[np.ndarray, np.ndarray]:
-    """Unmix each pixel from the background: palette index per pixel (-1: background or unexplained) and the
-    coverage (alpha, shape (H, W, K)) each palette colour would need to explain it."""
-    palette = np.asarray([COLOURS[name] for name in COLOUR_NAMES], dtype=np.float32) - background  # (K, 3)
+def _segment(
+    rgb: np.ndarray, background: np.ndarray, max_residual: float, colours: Sequence[str] = COLOUR_NAMES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unmix each pixel from the background: index into ``colours`` per pixel (-1: background or unexplained) and
+    the coverage (alpha, shape (H, W, K)) each colour would need to explain it."""
+    palette = np.asarray([colour_rgb(name) for name in colours], dtype=np.float32) - background  # (K, 3)
     offset = rgb - background  # (H, W, 3)
     alpha = offset @ palette.T / (palette**2).sum(axis=1)  # (H, W, K)
     residual = np.linalg.norm(offset[..., None, :] - np.maximum(alpha, 0)[..., None] * palette, axis=-1)
@@ -244,18 +246,25 @@ def classify_shape(coverage: np.ndarray, extents: Sequence[float] = (64.0,)) -> 
     return SHAPES[best_shape], best_distance
 
 
-def detect(image: Image.Image | np.ndarray, *, min_area: float = 0.15, max_residual: float = 60.0) -> Detections:
+def detect(
+    image: Image.Image | np.ndarray,
+    *,
+    min_area: float = 0.15,
+    max_residual: float = 60.0,
+    colours: Sequence[str] = COLOUR_NAMES,
+) -> Detections:
     """Find the objects in a ShapesWorld picture (rendered or generated): a PIL image or an (H, W, 3) array of
     0–255 values.
 
     ``min_area``: components smaller than this fraction of a small object's box (extent²) are ignored as noise.
     ``max_residual``: how far (RGB units, 0–255) a pixel may be from any background/palette blend and still count.
+    ``colours``: the colours to look for (the palette; add concept colours such as "pink" to find them too).
     """
     rgb = _as_array(image)
     height, width = rgb.shape[:2]
     border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
     background = np.median(border, axis=0)
-    labels, alpha = _segment(rgb, background, max_residual)
+    labels, alpha = _segment(rgb, background, max_residual, colours)
     short = min(width, height)
     min_pixels = min_area * (SIZE_EXTENT["small"] * short) ** 2
     extents = (*(SIZE_EXTENT[size] * short for size in SIZES), 64.0)
@@ -272,7 +281,7 @@ def detect(image: Image.Image | np.ndarray, *, min_area: float = 0.15, max_resid
         size = "large" if max(h, w) / short > SIZE_THRESHOLD else "small"
         bbox = (left / width, top / height, (left + w) / width, (top + h) / height)
         centre = ((bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2)
-        objects.append(DetectedObject(shape, COLOUR_NAMES[label], size, centre, bbox, area, distance))
+        objects.append(DetectedObject(shape, colours[label], size, centre, bbox, area, distance))
     objects.sort(key=lambda o: -o.area)
     return Detections(tuple(objects), width, height, tuple(float(c) for c in background))
 
@@ -366,8 +375,10 @@ def score_detections(detections: Detections, spec: PromptSpec) -> dict[str, bool
 
 
 def score_image(image: Image.Image | np.ndarray, spec: PromptSpec) -> dict[str, bool | None]:
-    """Detect the objects in ``image`` and check them against ``spec`` (see the module docstring)."""
-    return score_detections(detect(image), spec)
+    """Detect the objects in ``image`` and check them against ``spec`` (see the module docstring). The detector
+    looks for the palette plus any concept colour the prompt asks for (pink, for a model taught pink)."""
+    asked = tuple(dict.fromkeys(o.colour for o in spec.objects if o.colour not in COLOUR_NAMES))
+    return score_detections(detect(image, colours=(*COLOUR_NAMES, *asked)), spec)
 
 
 def score_images(images: Sequence[Image.Image | np.ndarray], specs: Sequence[PromptSpec]) -> ScoreReport:

@@ -14,6 +14,7 @@ from pixart_cli.shapesworld.world import (
     BACKGROUNDS,
     CAPTION_STYLES,
     COLOUR_NAMES,
+    CONCEPT_COLOURS,
     HELDOUT_ARRANGEMENTS,
     HELDOUT_SHAPE_COLOURS,
     INVERSE_RELATION,
@@ -234,6 +235,28 @@ def heldout_prompts(n: int, seed: int = 0, *, aspect: float = 1.0, style: Prompt
     return prompts
 
 
+def concept_prompts(
+    colour: str, n: int, seed: int = 0, *, aspect: float = 1.0, style: PromptStyle = "dense"
+) -> list[EvalPrompt]:
+    """``n`` one-object prompts in ``colour`` (a concept colour taught to a trained model, e.g. "pink"), cycling
+    through the shapes; sizes, backgrounds and wording drawn from ``seed`` as ``heldout_prompts`` draws them."""
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    if colour not in (*COLOUR_NAMES, *CONCEPT_COLOURS):
+        raise ValueError(f"unknown colour {colour!r}; concept colours: {', '.join(CONCEPT_COLOURS)}")
+    dense = style == "dense"
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(n):
+        background = pick(rng, tuple(BACKGROUNDS))
+        kinds = [(SHAPES[i % len(SHAPES)], colour, pick(rng, SIZES))]
+        scene = scene_for(rng, kinds, background, aspect, lambda s: True)
+        assert scene is not None  # one object always fits
+        text = _dense_caption(scene, rng, sizes=dense, background=dense)
+        prompts.append(EvalPrompt(text, spec_of(scene, sizes=dense), scene))
+    return prompts
+
+
 def _seen_shape(rng: np.random.Generator, colour: str) -> str:
     return pick(rng, [s for s in SHAPES if (s, colour) not in HELDOUT_SHAPE_COLOURS])
 
@@ -242,7 +265,8 @@ _SIZE_NAMES = frozenset(w for words in _SIZE_WORDS.values() for w in words)
 _BACKGROUND_NAMES = frozenset(("background", *(w for words in _BACKGROUND_WORDS.values() for w in words)))
 # "an orange circle", "a big red circle", "the blue square": an optional article and size word, a colour, a shape.
 _OBJECT_PHRASE = re.compile(
-    rf"\b(?:(an?)\s+)?(?:({'|'.join(sorted(_SIZE_NAMES))})\s+)?({'|'.join(COLOUR_NAMES)})\s+({'|'.join(SHAPES)})\b",
+    rf"\b(?:(an?)\s+)?(?:({'|'.join(sorted(_SIZE_NAMES))})\s+)?({'|'.join((*COLOUR_NAMES, *CONCEPT_COLOURS))})\s+"
+    rf"({'|'.join(SHAPES)})\b",
     re.IGNORECASE,
 )
 

@@ -60,6 +60,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (250, 250, 250),
 }
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
+# Colours outside the palette: concepts a model trained on this world has never seen, to teach it (docs/adapters.md).
+# Generated data holds them only where asked for (write_dataset's ``colours``); they have no class label, and the
+# detector looks for them only when told to (``detect(colours=...)``). Pink is ≥ 100 from every palette colour.
+CONCEPT_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (255, 105, 180)}
 
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"grey": (128, 128, 128), "black": (0, 0, 0)}
 
@@ -281,17 +285,31 @@ def scene_for(
     return None if centres is None else _build_scene(kinds, centres, background, aspect)
 
 
+def colour_rgb(name: str) -> tuple[int, int, int]:
+    """The RGB of a palette or concept colour."""
+    return COLOURS[name] if name in COLOURS else CONCEPT_COLOURS[name]
+
+
+def check_colours(colours: Sequence[str]) -> None:
+    known = (*COLOUR_NAMES, *CONCEPT_COLOURS)
+    unknown = [c for c in colours if c not in known]
+    if unknown or not colours:
+        raise ValueError(f"colours must name some of {', '.join(known)}, got {list(colours)}")
+
+
 def sample_scene(
     seed: int | np.random.Generator,
     *,
     aspect: float = 1.0,
     split: Split = "train",
     num_objects: int | None = None,
+    colours: Sequence[str] | None = None,
 ) -> Scene:
     """Sample a scene: 1–3 objects (uniform, or ``num_objects``) with distinct (shape, colour) pairs.
 
     Shapes, colours, sizes and the background are uniform; positions are uniform subject to the layout rules.
-    ``split="train"`` leaves out the held-out combinations, ``"all"`` samples the whole world.
+    ``split="train"`` leaves out the held-out combinations, ``"all"`` samples the whole world. ``colours``
+    restricts the objects' colours (it may name concept colours, which the world otherwise never draws).
     """
     if split not in ("train", "all"):
         raise ValueError(f"split must be 'train' or 'all', got {split!r}")
@@ -299,15 +317,26 @@ def sample_scene(
         raise ValueError(f"num_objects must be between 1 and {MAX_OBJECTS}, got {num_objects}")
     _check_aspect(aspect)
     rng = as_rng(seed)
-    labels = [label for label in range(NUM_CLASSES) if split == "all" or not _label_heldout(label)]
+    if colours is None:  # in label order: the stream every generated dataset was drawn with
+        kinds_pool = [_label_kind(label) for label in range(NUM_CLASSES) if split == "all" or not _label_heldout(label)]
+    else:
+        check_colours(colours)
+        kinds_pool = [
+            (shape, colour)
+            for shape in SHAPES
+            for colour in colours
+            if split == "all" or (shape, colour) not in HELDOUT_SHAPE_COLOURS
+        ]
+    if num_objects is not None and num_objects > len(kinds_pool):
+        raise ValueError(f"{num_objects} objects need as many (shape, colour) pairs; there are {len(kinds_pool)}")
 
     def accept(scene: Scene) -> bool:
         return split == "all" or not _heldout_arrangement_in(scene.objects, scene.relations)
 
     while True:
-        count = num_objects if num_objects is not None else int(rng.integers(1, MAX_OBJECTS + 1))
-        picked = rng.choice(len(labels), size=count, replace=False)
-        kinds = [(*_label_kind(labels[k]), pick(rng, SIZES)) for k in picked]
+        count = num_objects if num_objects is not None else int(rng.integers(1, min(MAX_OBJECTS, len(kinds_pool)) + 1))
+        picked = rng.choice(len(kinds_pool), size=count, replace=False)
+        kinds = [(*kinds_pool[k], pick(rng, SIZES)) for k in picked]
         background = pick(rng, tuple(BACKGROUNDS))
         scene = scene_for(rng, kinds, background, aspect, accept)
         if scene is not None:
@@ -394,5 +423,5 @@ def render(scene: Scene, resolution: int | tuple[int, int] = 32, *, antialias: b
     canvas[:] = BACKGROUNDS[scene.background]
     for obj in scene.objects:
         alpha = object_coverage(obj, width, height, antialias=antialias)[..., None]
-        canvas += alpha * (np.asarray(COLOURS[obj.colour], dtype=np.float32) - canvas)
+        canvas += alpha * (np.asarray(colour_rgb(obj.colour), dtype=np.float32) - canvas)
     return Image.fromarray(np.rint(canvas).astype(np.uint8), "RGB")

@@ -23,9 +23,9 @@ from pixart_cli.data.sources import Record, Source, read_source
 from pixart_cli.errors import PixartError
 from pixart_cli.sampling.pipeline import Pipeline
 from pixart_cli.sampling.settings import SampleSettings
-from pixart_cli.sampling.writer import MANIFEST, read_manifest, write_samples
+from pixart_cli.sampling.writer import MANIFEST, image_name, read_manifest, write_samples
 from pixart_cli.training.batches import ensure_shapes_dataset, on_the_fly_batches
-from pixart_cli.training.recipe import DreamBoothSection, Recipe
+from pixart_cli.training.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -39,22 +39,41 @@ def class_dir(recipe: Recipe) -> Path:
     return Path(section.class_dir) if section.class_dir else Path(recipe.output.dir) / CLASS_DIR
 
 
-def make_class_images(recipe: Recipe, device: torch.device) -> Path:
-    """Draw the class images with the base model (``model.init``, its own EMA weights when it has them) into
-    :func:`class_dir`; images already there with the same settings are kept."""
+def class_settings(recipe: Recipe) -> SampleSettings:
+    """How the class images are drawn: ``class_images`` per class prompt, square at ``data.resolution``."""
     section = recipe.dreambooth
-    assert section is not None and section.class_prompts
-    out = class_dir(recipe)
+    assert section is not None
     side = recipe.data.resolution
-    settings = SampleSettings(
+    return SampleSettings(
         steps=section.class_steps, cfg=section.class_cfg, seed=recipe.train.seed,
         num_images_per_prompt=section.class_images, batch_size=min(8, section.class_images), height=side, width=side,
     )  # fmt: skip
+
+
+def _class_files(recipe: Recipe) -> list[tuple[str, str]]:
+    """(file name, prompt) of each class image this recipe asks for."""
+    section = recipe.dreambooth
+    assert section is not None
+    return [(image_name(job), job.prompt) for job in class_settings(recipe).jobs(list(section.class_prompts))]
+
+
+def make_class_images(recipe: Recipe, device: torch.device) -> Path:
+    """Draw the class images with the base model (``model.init``) into :func:`class_dir`, in the run's
+    precision (bf16 on a GPU); when every one is there already, the base is not even loaded."""
+    section = recipe.dreambooth
+    assert section is not None and section.class_prompts
+    out = class_dir(recipe)
+    records = read_manifest(out / MANIFEST) if (out / MANIFEST).is_file() else {}
+    missing = [name for name, _ in _class_files(recipe) if name not in records or not (out / name).is_file()]
+    if not missing:
+        logger.info("class images: all %d in %s", len(records), out)
+        return out
     pipeline = Pipeline.from_pretrained(
-        recipe.model.init, t5=recipe.data.text_encoder, vae=recipe.data.vae, device=device, dtype=torch.float32
+        recipe.model.init, t5=recipe.data.text_encoder, vae=recipe.data.vae, device=device
     )
-    report = write_samples(pipeline, list(section.class_prompts), out, settings)
+    report = write_samples(pipeline, list(section.class_prompts), out, class_settings(recipe))
     logger.info("class images: %d drawn, %d kept from before, in %s", len(report.written), len(report.skipped), out)
+    del pipeline
     return out
 
 
@@ -74,18 +93,18 @@ def instance_source(recipe: Recipe) -> Source:
     return dataclasses.replace(source, records=records)
 
 
-def class_source(directory: Path, section: DreamBoothSection) -> Source:
-    """The class images the base drew, each captioned with its prompt (read from the manifest beside them)."""
-    wanted = set(section.class_prompts)
-    records = [
-        Record(path=(directory / r["file"]).resolve(), caption=r["prompt"])
-        for r in read_manifest(directory / MANIFEST).values()
-        if r.get("prompt") in wanted and (directory / r["file"]).is_file()
-    ]
-    expected = section.class_images * len(section.class_prompts)
-    if len(records) < expected:
-        raise PixartError(f"{directory}: {len(records)} class images, {expected} expected")
-    return Source("captions", directory, sorted(records, key=lambda r: r.path))
+def class_source(recipe: Recipe) -> Source:
+    """The class images this recipe asked for (others in a shared ``class_dir`` are not read), each captioned as
+    the base read its prompt (a completed prompt, for a model that completes them)."""
+    directory = class_dir(recipe)
+    records = read_manifest(directory / MANIFEST) if (directory / MANIFEST).is_file() else {}
+    out = []
+    for name, prompt in _class_files(recipe):
+        record = records.get(name)
+        if record is None or record.get("prompt") != prompt or not (directory / name).is_file():
+            raise PixartError(f"{directory / name}: a class image of {prompt!r} is missing; run again to draw it")
+        out.append(Record(path=(directory / name).resolve(), caption=record.get("caption", prompt)))
+    return Source("captions", directory, out)
 
 
 class PriorPreservationBatches:
@@ -149,6 +168,15 @@ def dreambooth_batches(recipe: Recipe, accelerator: Any) -> LoaderBatches | Prio
     """The batch source of a ``dreambooth:`` recipe (class images drawn first where prior preservation asks)."""
     section = recipe.dreambooth
     assert section is not None
+    if section.class_prompts:
+        wanted = recipe.train.batch_size * accelerator.num_processes
+        if section.class_images * len(section.class_prompts) < wanted:
+            raise PixartError(
+                f"dreambooth.class_images: {section.class_images} per prompt × {len(section.class_prompts)} "
+                f"prompts cannot fill a global batch of {wanted}"
+            )
+        if accelerator.is_main_process:  # first: the base's pipeline is freed before the training encoders load
+            make_class_images(recipe, accelerator.device)
     if accelerator.is_main_process:
         ensure_shapes_dataset(recipe)
     accelerator.wait_for_everyone()
@@ -157,13 +185,16 @@ def dreambooth_batches(recipe: Recipe, accelerator: Any) -> LoaderBatches | Prio
     logger.info("data: %d instance images, captioned %s", len(instance.loader.dataset), captioned)
     if not section.class_prompts:
         return instance
-    if accelerator.is_main_process:
-        make_class_images(recipe, accelerator.device)
-    accelerator.wait_for_everyone()
-    source = class_source(class_dir(recipe), section)
+    source = class_source(recipe)
     prior = on_the_fly_batches(
         source, recipe, accelerator, seed=recipe.train.seed + _CLASS_SEED_OFFSET,
         encoders=(instance.autoencoder, instance.text_encoder),
     )  # fmt: skip
     logger.info("data: %d class images of %s", len(source.records), ", ".join(map(repr, section.class_prompts)))
+    square = set(prior.loader.dataset.bucket_of)
+    if other := set(instance.loader.dataset.bucket_of) - square:
+        raise PixartError(
+            f"dreambooth: {sum(b in other for b in instance.loader.dataset.bucket_of)} instance images fall in other "
+            "aspect-ratio buckets than the square class images; crop them square, or set data.multi_scale: false"
+        )
     return PriorPreservationBatches(instance, prior, section.prior_loss_weight)

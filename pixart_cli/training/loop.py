@@ -257,6 +257,7 @@ def train(
     if on_step and acc.is_main_process:
         on_step(position.step)
 
+    reseed_dropout = recipe.adapter is not None and recipe.adapter.dropout > 0
     data = batches.iterate(position.epoch, position.batch, device)
     with _StopFlag() as stop, contextlib.ExitStack() as stack:
         metrics = stack.enter_context(open(metrics_path, "a")) if acc.is_main_process else None
@@ -273,6 +274,8 @@ def train(
                 x0 = batch["x0"]
                 b = x0.shape[0]
                 t, noise, drop = _draws(seed, step, micro, x0, world, rank, recipe.train, diffusion)
+                if reseed_dropout:  # the adapter's dropout draws from the global generator: make it a function
+                    torch.manual_seed(hash((seed, step, micro, rank)) & (2**63 - 1))  # of the step, as resume needs
                 x_t = diffusion.q_sample(x0, t, noise)
                 sync = contextlib.nullcontext() if micro == accumulation - 1 else acc.no_sync(model)
                 with sync, acc.autocast():

@@ -79,11 +79,12 @@ class ShapesSection:
     split: Split = "train"
     objects: int | None = None  # objects in every scene; None: 1 to 3
     workers: int = 1  # processes writing it
+    colours: tuple[str, ...] | None = None  # only these object colours (concept colours too, e.g. [pink]); None: all
 
     def __post_init__(self) -> None:
         # Checked when the recipe loads, not only when the data is generated: a bad value (or a typo, caught by
         # the typed keys) must not pass unnoticed because the dataset happens to exist already.
-        check_dataset_args(self.n, self.resolution, self.caption_style, self.fmt, self.objects)
+        check_dataset_args(self.n, self.resolution, self.caption_style, self.fmt, self.objects, self.colours)
 
 
 def _check_caption_mix(captions: dict[str, float]) -> None:

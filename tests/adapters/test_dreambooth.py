@@ -20,7 +20,8 @@ runner = CliRunner()
 def dreambooth_args(world, base, out, steps, prior=True, adapter="{rank: 4, alpha: 8}"):  # noqa: F811
     section = "{instance_prompt: 'a sks shape'"
     if prior:
-        section += f", class_prompts: ['a red circle'], class_images: 8, class_steps: 3, class_dir: {out.parent / 'class'}"
+        section += ", class_prompts: ['a red circle'], class_images: 8, class_steps: 3"
+        section += f", class_dir: {out.parent / 'class'}"
     return [
         *adapter_args(world, base, out, steps=steps, adapter=adapter), "--set", "data.cache=null",
         "--set", f"dreambooth={section}}}", "--set", "train.batch_size=4", "--set", "output.save_every=3",

@@ -69,11 +69,28 @@ def test_an_adapter_trains_on_a_frozen_base_and_resumes_exactly(world, base, tmp
     assert result.exit_code == 0, result.output
     record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
     assert record["model"].endswith(f" + {full}:1")
+    # The benchmarks take adapters the same way, and record them with the generation settings.
+    bench = tmp_path / "bench"
+    result = runner.invoke(
+        app, ["eval-compbench", "--bench", "shapes", "--lora", f"{full}:0.5", "--limit", "2", "--images-per-prompt",
+              "1", "--steps", "3", "-o", str(bench)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((bench / "generation.json").read_text())["lora"] == [f"{full}:0.5"]
 
 
 def test_resume_refuses_a_changed_base_and_a_switch_between_adapter_and_full(world, base, tmp_path):  # noqa: F811
     run = tmp_path / "run"
-    assert runner.invoke(app, ["train", RECIPE, *adapter_args(world, base, run, steps=5)]).exit_code == 0
+    grids = [
+        "--set",
+        "log.sample_every=5",
+        "--set",
+        "log.sample_prompts=['a red circle']",
+        "--set",
+        "log.sample_steps=2",
+    ]
+    assert runner.invoke(app, ["train", RECIPE, *adapter_args(world, base, run, steps=5), *grids]).exit_code == 0
+    assert (run / "samples" / "step-0000005.png").is_file()  # the EMA adapter merged into its base
     result = runner.invoke(
         app,
         [

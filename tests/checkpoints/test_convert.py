@@ -46,6 +46,13 @@ def inputs(config, h=8, w=8):
     return x, torch.tensor([1.0, 250.0, 999.0]), caption, mask
 
 
+def size_conditions(config, h, w) -> dict:
+    """The multi-scale model's image size and aspect-ratio inputs for h×w latents (none for a fixed-size model)."""
+    if not config.multi_scale:
+        return {}
+    return {"resolution": torch.tensor([[h * 8.0, w * 8.0]]).repeat(3, 1), "aspect_ratio": torch.tensor([[h / w]] * 3)}
+
+
 def diffusers_forward(model, x, t, caption, mask, resolution=None, aspect_ratio=None):
     added = {"resolution": resolution, "aspect_ratio": aspect_ratio}
     return model(
@@ -60,12 +67,7 @@ def test_ours_to_diffusers_gives_the_same_output(tmp_path, config, h, w):
     assert result.exit_code == 0, result.output
     theirs = PixArtTransformer2DModel.from_pretrained(tmp_path / "hf").eval()
     x, t, caption, mask = inputs(config, h, w)
-    kwargs = {}
-    if config.multi_scale:
-        kwargs = {
-            "resolution": torch.tensor([[h * 8.0, w * 8.0]]).repeat(3, 1),
-            "aspect_ratio": torch.tensor([[h / w]] * 3),
-        }
+    kwargs = size_conditions(config, h, w)
     with torch.no_grad():
         ours = model.eval()(x, t, caption, mask, **kwargs)
         reference = diffusers_forward(theirs, x, t, caption, mask, **kwargs)

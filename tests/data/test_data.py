@@ -350,7 +350,7 @@ def test_sampler_without_drop_last_covers_everything():
     seen = {i for batch in list(sampler) + list(other) for i in batch}
     assert seen == set(range(len(BUCKET_OF)))
     assert all(len(b) == 4 for b in sampler)
-    with pytest.raises(ValueError, match="no bucket holds a full global batch"):
+    with pytest.raises(PixartError, match="no aspect-ratio bucket holds a full global batch"):
         BucketBatchSampler([0, 1, 2], 2, seed=0)
 
 
