@@ -73,7 +73,7 @@ def train(
 def _train(
     recipe: Recipe, resolved: dict, recipe_path: str, overrides: tuple[str, ...], resume: str | None, as_json: bool
 ) -> None:
-    from pixart_cli.training.batches import batch_source, validation_sampler
+    from pixart_cli.training.batches import batch_source, validation_batches, validation_sampler
     from pixart_cli.training.dreambooth import dreambooth_batches
     from pixart_cli.training.loop import Interrupted, ensure_output_dir, make_accelerator
     from pixart_cli.training.loop import train as run_train
@@ -94,6 +94,7 @@ def _train(
                 source = dreambooth_batches(recipe, accelerator)
             else:
                 source = batch_source(recipe, accelerator, prepare_command=prepare)
+            held_out = validation_batches(recipe, accelerator)
             if main:  # after the input checks: a bad input's output is one error line
                 console.print(f"precision: {precision.describe()}", style="dim", soft_wrap=True)
                 if precision.warning:
@@ -108,6 +109,7 @@ def _train(
                     on_step=progress.step,
                     on_sample=validation_sampler(recipe),
                     accelerator=accelerator,
+                    validation=held_out,
                 )
     except Interrupted as stop:
         if main:

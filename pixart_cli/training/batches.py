@@ -8,11 +8,13 @@ and encodes images on the fly with the same encoders. Both give the same batches
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 from torch import nn
 
@@ -165,6 +167,25 @@ def on_the_fly_batches(
     batches.faults.unreadable.update({str(bad.path): bad.reason for bad in dataset.bad})
     batches.max_unreadable = int(data.max_bad_fraction * (len(source.records) + len(source.bad)))
     batches.check_faults()  # too many known already: stop before the first step
+    return batches
+
+
+def validation_batches(recipe: Recipe, accelerator: Any) -> list[dict] | None:
+    """This process's share of the held-out micro-batches (``validation``), on the CPU, each with its ``x0``
+    drawn once: the same inputs at every measurement. None when validation is off."""
+    validation = recipe.validation
+    if not validation.every:
+        return None
+    data = dataclasses.replace(
+        recipe.data, path=validation.path, cache=validation.cache, shapes=validation.shapes, captions=None
+    )
+    held_out = dataclasses.replace(recipe, data=data, dreambooth=None)
+    source = batch_source(held_out, accelerator, prepare_command="pixart prepare VALIDATION_DATA")
+    batches = []
+    for _, _, batch in itertools.islice(source.iterate(0, 0, "cpu"), validation.batches):
+        batches.append({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    logger.info("validation: %d batches of %s every %d steps", len(batches), validation.path or validation.cache,
+                validation.every)  # fmt: skip
     return batches
 
 

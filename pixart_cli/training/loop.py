@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 
 METRICS_FILE = "metrics.jsonl"
+VALIDATION_FILE = "validation.jsonl"  # {"step", "val_loss"} per measurement (validation.every)
 NUM_TIMESTEPS = 1000
 
 
@@ -197,12 +198,15 @@ def train(
     on_sample: Callable[[nn.Module, int], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     accelerator: Any = None,
+    validation: list[dict] | None = None,
 ) -> TrainResult:
     """Run (or continue) the training described by ``recipe``; returns the last checkpoint.
 
     ``batches`` supplies per-process micro-batches (see :class:`BatchSource`); ``on_log`` receives metric dicts
     (main process); ``on_step`` the number of optimiser steps done, once at the start and after every step (main
-    process); ``on_sample`` is called with the EMA model every ``log.sample_every`` steps.
+    process); ``on_sample`` is called with the EMA model every ``log.sample_every`` steps. ``validation``: this
+    process's held-out micro-batches (``training.batches.validation_batches``), scored every ``validation.every``
+    steps into ``validation.jsonl`` (``val_loss``) and ``val_loss.png``.
     """
     acc = accelerator or make_accelerator(recipe)[0]
     torch.backends.cuda.matmul.allow_tf32 = recipe.train.tf32
@@ -247,9 +251,11 @@ def train(
     metrics_path = output / METRICS_FILE
     existing = checkpoint_dirs(output)
     last = start if start is not None else existing[-1][1] if existing else None
-    if acc.is_main_process and metrics_path.exists():  # forget metrics logged after the checkpoint we resume
-        kept = [line for line in metrics_path.read_text().splitlines() if _step_of(line) <= position.step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+    validation_path = output / VALIDATION_FILE
+    for path in (metrics_path, validation_path):  # forget what was logged after the checkpoint we resume
+        if acc.is_main_process and path.exists():
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= position.step]
+            path.write_text("".join(line + "\n" for line in kept))
     trained = False  # any step taken by this call (loss.png is drawn only then)
     logged = _read_losses(metrics_path) if start is not None else []
     last_logged = logged[-1][1] if logged else math.nan  # what the run logged last, also when nothing is left to do
@@ -348,6 +354,14 @@ def train(
                     )
                 acc.wait_for_everyone()
                 last = checkpoint_dirs(output)[-1][1]
+            if validation and (position.step % recipe.validation.every == 0 or at_end):
+                val_loss = validation_loss(model, validation, diffusion, acc, seed)
+                if acc.is_main_process:
+                    with open(validation_path, "a") as f:
+                        f.write(json.dumps({"step": position.step, "val_loss": val_loss}) + "\n")
+                    if board is not None:
+                        board.add_scalar("validation/loss", val_loss, position.step)
+                    logger.info("step %d: validation loss %.4f", position.step, val_loss)
             if on_sample and recipe.log.sample_every and position.step % recipe.log.sample_every == 0:
                 if acc.is_main_process:
                     on_sample(_ema_model(raw_model, ema), position.step)
@@ -355,6 +369,10 @@ def train(
             if stopping and not at_end:
                 raise Interrupted(stop.signal or signal.SIGTERM, position.step, last)
 
+    if acc.is_main_process and trained and validation:
+        measured = _read_losses(validation_path, "val_loss")
+        line_plot([s for s, _ in measured], {"validation": [v for _, v in measured]}, output / "val_loss.png",
+                  title=f"{recipe.name}: held-out loss at fixed timesteps and noise")  # fmt: skip
     if acc.is_main_process and trained:
         history = _read_losses(metrics_path)
         line_plot(
@@ -443,10 +461,38 @@ def _step_of(line: str) -> int:
         return 1 << 62
 
 
-def _read_losses(path: Path) -> list[tuple[int, float]]:
+def _read_losses(path: Path, key: str = "loss") -> list[tuple[int, float]]:
     out = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         with contextlib.suppress(json.JSONDecodeError, KeyError):
             record = json.loads(line)
-            out.append((record["step"], record["loss"]))
+            out.append((record["step"], record[key]))
     return out
+
+
+# Key of the validation noise generators: apart from every training draw.
+_VALIDATION_STREAM = 2
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, batches: list[dict], diffusion: GaussianDiffusion, acc: Any, seed: int) -> float:
+    """The mean loss over the held-out batches at fixed timesteps (spread evenly over [0, T) within each batch) and
+    fixed noise (from (seed, batch)): a function of the weights alone. Averaged over processes."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=acc.device)
+    for index, cpu_batch in enumerate(batches):
+        batch = {k: v.to(acc.device) for k, v in cpu_batch.items()}
+        x0 = batch["x0"]
+        b = x0.shape[0]
+        t = ((torch.arange(b, device=x0.device) + 0.5) * (diffusion.num_timesteps / b)).long()
+        g = step_generator(seed, index, acc.process_index, _VALIDATION_STREAM, device=x0.device)
+        noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+        with acc.autocast():
+            output = _forward(model, batch, diffusion.q_sample(x0, t, noise), t, None)
+            total += diffusion.training_losses(output, x0, t, noise)["loss"].mean().float()
+    model.train(was_training)
+    mean = total / max(len(batches), 1)
+    if acc.num_processes > 1:
+        mean = acc.reduce(mean, "mean")
+    return float(mean)

@@ -263,6 +263,25 @@ class ClusterSection:
 
 
 @dataclass(frozen=True)
+class ValidationSection:
+    """A held-out set whose loss is measured every ``every`` steps at fixed timesteps (spread evenly over the
+    schedule) and fixed noise: the same numbers at every measurement, so its curve shows the model alone (the
+    training loss mixes in which timesteps and images each batch drew)."""
+
+    every: int = 0  # steps between measurements (and one at the end); 0: off
+    batches: int = 4  # micro-batches of train.batch_size, the same ones every time
+    path: str | None = None  # a held-out dataset, of any kind data.path takes (data.kind)
+    cache: str | None = None  # its feature cache from `pixart prepare`
+    shapes: ShapesSection | None = None  # generate a ShapesWorld dataset at `path` on first use
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "every")
+        _positive(self, "batches")
+        if self.every and self.path is None and self.cache is None:
+            raise ValueError("path: name the held-out data (or its cache) to validate on")
+
+
+@dataclass(frozen=True)
 class DreamBoothSection:
     """DreamBooth (Ruiz et al. 2023, arXiv 2208.12242): the images at ``data.path`` all show one subject, each
     captioned ``instance_prompt`` (an identifier the tokenizer represents distinctly, e.g. "a sks dog"), or each its
@@ -305,6 +324,8 @@ class Recipe:
     adapter: AdapterSection | None = None
     # Teach one subject from a few images under an identifier prompt (docs/adapters.md#dreambooth).
     dreambooth: DreamBoothSection | None = None
+    # The loss on held-out data at fixed timesteps and noise (docs/training.md#validation-loss).
+    validation: ValidationSection = field(default_factory=ValidationSection)
     description: str | None = None
 
     def __post_init__(self) -> None:
@@ -378,7 +399,7 @@ def replace(recipe: Recipe, **sections: Any) -> Recipe:
 # is trained or the random streams, so the result would be neither the old run nor a new one.
 RESUME_MAY_CHANGE = (
     "name", "description", "train.steps", "output", "log", "data.num_workers", "data.max_bad_fraction", "cluster",
-    "model.gradient_checkpointing", "model.compile", "train.nan_policy",
+    "model.gradient_checkpointing", "model.compile", "train.nan_policy", "validation",
 )  # fmt: skip
 # Allowed, and said in a log line: the precision a machine supports differs, but the run is then no longer
 # bit-for-bit the uninterrupted one.

@@ -280,7 +280,8 @@ def test_shapes_recipes_chain_on_a_fresh_machine(tmp_path):
             f"model.config={model}", "data.shapes.n=48", "data.cache=null", "train.batch_size=8", "train.steps=3",
             "train.mixed_precision=fp32", "optim.warmup_steps=0", "log.every=1",
             f"data.path={tmp_path / f'data{stage}'}" + ("" if stage == "1" else "/manifest.jsonl"),
-            f"output.dir={tmp_path / f's{stage}'}", *extra,
+            f"output.dir={tmp_path / f's{stage}'}", "validation.shapes.n=16",
+            f"validation.path={tmp_path / f'val{stage}'}" + ("" if stage == "1" else "/manifest.jsonl"), *extra,
         ):  # fmt: skip
             args += ["--set", item]
         result = runner.invoke(app, args)
@@ -297,6 +298,8 @@ def test_shapes_recipes_chain_on_a_fresh_machine(tmp_path):
     assert load_checkpoint(tmp_path / "s1" / "checkpoints" / "step-0000003").meta.prompt_completion is None
     sizes = {(r["width"], r["height"]) for r in map(json.loads, (tmp_path / "data3" / "manifest.jsonl").open())}
     assert len(sizes) > 1
+    for stage in "123":  # each measured its held-out loss at the end, on scenes it generated
+        assert [json.loads(line)["step"] for line in (tmp_path / f"s{stage}" / "validation.jsonl").open()] == [3]
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------
@@ -935,3 +938,37 @@ def test_the_dry_run_finds_tar_shards_named_by_a_brace_pattern(tmp_path):
     assert not [line for line in missing_inputs(recipe, "r.yaml") if line.startswith("data.path")]
     recipe, _ = load_recipe(ROOT / "recipes" / "stage2.yaml", [f"data.path={pattern.replace('01}', '02}')}"])
     assert [line for line in missing_inputs(recipe, "r.yaml") if line.startswith("data.path")]
+
+
+def test_validation_loss_is_measured_plotted_and_leaves_training_alone(world, tmp_path):
+    plain, validated, split = tmp_path / "plain", tmp_path / "validated", tmp_path / "split"
+    held_out = (
+        f"validation={{every: 4, batches: 2, path: {world / 'captions' / 'manifest.jsonl'}, cache: {world / 'cache'}}}"
+    )
+    assert (
+        runner.invoke(
+            app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *stage2_args(world, plain, steps=10)]
+        ).exit_code
+        == 0
+    )
+    args = [*stage2_args(world, validated, steps=10), "--set", held_out]
+    result = runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *args])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (validated / "validation.jsonl").read_text().splitlines()]
+    measured = [(r["step"], r["val_loss"]) for r in records]
+    assert [step for step, _ in measured] == [4, 8, 10] and all(math.isfinite(v) for _, v in measured)
+    assert (validated / "val_loss.png").is_file()
+    assert losses(validated) == losses(plain)  # measuring does not touch the training draws
+    a = load_file(plain / "checkpoints" / "step-0000010" / "model.safetensors")
+    b = load_file(validated / "checkpoints" / "step-0000010" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Fixed timesteps and noise: a resumed run measures the same values (one more at its own end).
+    split_args = [*stage2_args(world, split, steps=6), "--set", held_out]
+    assert runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *split_args]).exit_code == 0
+    split_args = [*stage2_args(world, split, steps=10), "--set", held_out, "--resume", "auto"]
+    assert runner.invoke(app, ["train", str(ROOT / "recipes" / "stage2.yaml"), *split_args]).exit_code == 0
+    again = [json.loads(line) for line in (split / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [4, 6, 8, 10]  # step 6: the shorter run's end
+    again = {r["step"]: r["val_loss"] for r in again}
+    for step, value in measured:
+        assert again[step] == pytest.approx(value, abs=1e-6)
