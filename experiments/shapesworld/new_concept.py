@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from shapes_experiments import pixart, scores, sets, training_seconds
 
+from pixart_cli.training.plot import line_plot
 from pixart_cli.training.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,10 +72,12 @@ def evaluate(args: argparse.Namespace) -> None:
         done = {(r["arm"], r["seed"], r["step"]) for r in map(json.loads, RESULTS.read_text().splitlines())}
     batch = load_recipe(RECIPE)[0].train.batch_size
     runs = [("demo", 0, 0, None)]
-    for run in sorted(OUT.glob("*-seed*")):
+    for run in sorted(OUT.glob(args.runs)):
         arm, seed = run.name.rsplit("-seed", 1)
         for checkpoint in sorted((run / "checkpoints").glob("step-*")):
-            runs.append((arm, int(seed), int(checkpoint.name.split("-")[1]), checkpoint))
+            step = int(checkpoint.name.split("-")[1])
+            if not args.steps or step in args.steps:
+                runs.append((arm, int(seed), step, checkpoint))
     for arm, seed, step, checkpoint in runs:
         if (arm, seed, step) in done:
             continue
@@ -116,12 +119,27 @@ def report(args: argparse.Namespace) -> None:
         return f"{sum(values) / len(values):.3f}" if values else "–"
 
     for (arm, step), group in sorted(groups.items(), key=order):
-        each = " / ".join(f"{r['pink_color']:.2f}" for r in sorted(group, key=lambda r: r["seed"]))
+        each = " / ".join(f"{r['pink_color']:.2f}" for r in sorted(group, key=lambda r: r["seed"]))  # per seed
         print(
             f"| {arm} | {step} | {mean(group, 'train_minutes')} | {len(group)} | {mean(group, 'pink_color')} ({each}) "
             f"| {mean(group, 'pink_shape')} | {mean(group, 'heldout_color')} | {mean(group, 'heldout_shape')} | "
             f"{mean(group, 'weights_mb')} |"
         )
+
+
+def plot(rows: list[dict], key: str, path: Path, title: str) -> None:
+    """``key`` (mean over seeds) against steps, one line per arm; step 0 is the demo itself."""
+    demo = next(r for r in rows if r["arm"] == "demo")
+    steps = sorted({r["step"] for r in rows if r["arm"] != "demo"} | {0})
+    series = {}
+    for arm in ARMS:
+        values = []
+        for step in steps:
+            found = [r[key] for r in rows if r["arm"] == arm and r["step"] == step] if step else [demo[key]]
+            values.append(sum(found) / len(found) if found else float("nan"))
+        if len(values) > 1 and values[1] == values[1]:
+            series[arm] = values
+    line_plot(steps, series, path, title=title, size=(900, 480), ylabel="accuracy")
 
 
 def main() -> None:
@@ -135,9 +153,12 @@ def main() -> None:
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--parallel", type=int, default=2)
     ev = sub.add_parser("eval")
-    ev.add_argument("--limit", type=int, default=48, help="held-out ShapesBench prompts")
+    ev.add_argument("--limit", type=int, default=48, help="prompts of each benchmark (pink, held-out)")
+    ev.add_argument("--runs", default="*-seed*", help="which runs (a glob of outputs/new-concept/ names)")
+    ev.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=None, help="only these steps")
     ev.add_argument("--threads", type=int, default=2)
-    sub.add_parser("report")
+    rep = sub.add_parser("report", help="the table, and a plot of pink and held-out colour accuracy against steps")
+    rep.add_argument("--plot", type=Path, default=RESULTS.parent / "new_concept.png")
     args = parser.parse_args()
     if args.command == "classes":
         pixart("train", str(RECIPE), *sets(overrides("lora", 0, 1)), "--set", f"output.dir={OUT / 'classes-run'}")
@@ -147,6 +168,10 @@ def main() -> None:
         evaluate(args)
     else:
         report(args)
+        rows = [json.loads(line) for line in RESULTS.read_text().splitlines()]
+        plot(rows, "pink_color", args.plot, "pink prompts: a pink object drawn (mean of 2 seeds; step 0: the demo)")
+        plot(rows, "heldout_color", args.plot.with_name(args.plot.stem + "-heldout.png"),
+             "held-out ShapesBench prompts: colour (forgetting)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def sample(
             "no model given: pass --model (our checkpoint directory, a diffusers pipeline, or an official .pth "
             "with --t5 and --vae)"
         )
-    if model == SHAPES_DEMO:
+    if model == SHAPES_DEMO and not adapters:  # an adapter may have taught it new words
         for warning in demo_warnings(prompt_list):
             console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True, highlight=False)
     torch_device = resolve_device(device)
