@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import functools
 import json
+import multiprocessing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -149,7 +150,10 @@ def write_dataset(
     done = 0
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(ranges) > 1:
-            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(workers))
+            # Spawned, not forked: a fork of a process whose other threads hold locks (torch's, logging's) can hang
+            # forever, holding the caller's pipes open.
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(workers, mp_context=context))
             results = pool.map(job, ranges)
         else:
             results = map(job, ranges)

@@ -176,14 +176,21 @@ def validation_batches(recipe: Recipe, accelerator: Any) -> list[dict] | None:
     validation = recipe.validation
     if not validation.every:
         return None
-    data = dataclasses.replace(
-        recipe.data, path=validation.path, cache=validation.cache, shapes=validation.shapes, captions=None
+    data = dataclasses.replace(  # read in this process: a few batches, once (no loader workers left running)
+        recipe.data,
+        path=validation.path,
+        cache=validation.cache,
+        shapes=validation.shapes,
+        captions=None,
+        num_workers=0,
     )
     held_out = dataclasses.replace(recipe, data=data, dreambooth=None)
     source = batch_source(held_out, accelerator, prepare_command="pixart prepare VALIDATION_DATA")
     batches = []
-    for _, _, batch in itertools.islice(source.iterate(0, 0, "cpu"), validation.batches):
+    stream = source.iterate(0, 0, "cpu")
+    for _, _, batch in itertools.islice(stream, validation.batches):
         batches.append({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    stream.close()
     logger.info("validation: %d batches of %s every %d steps", len(batches), validation.path or validation.cache,
                 validation.every)  # fmt: skip
     return batches
