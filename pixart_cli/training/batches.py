@@ -170,9 +170,29 @@ def on_the_fly_batches(
     return batches
 
 
-def validation_batches(recipe: Recipe, accelerator: Any) -> list[dict] | None:
-    """This process's share of the held-out micro-batches (``validation``), on the CPU, each with its ``x0``
-    drawn once: the same inputs at every measurement. None when validation is off."""
+class HeldOutBatches:
+    """This process's held-out micro-batches (``validation``), on the CPU, each with its ``x0`` drawn once: the
+    same inputs at every measurement. The data is found and checked when this is made; it is read and encoded at
+    the first measurement, once the training loader's worker processes exist (forking them after this process ran
+    its encoders' thread pools can hang them)."""
+
+    def __init__(self, source: Any, count: int) -> None:
+        self._source, self._count = source, count
+        self._batches: list[dict] | None = None
+
+    def __call__(self) -> list[dict]:
+        if self._batches is None:
+            stream = self._source.iterate(0, 0, "cpu")
+            self._batches = [
+                {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                for _, _, batch in itertools.islice(stream, self._count)
+            ]
+            stream.close()
+        return self._batches
+
+
+def validation_batches(recipe: Recipe, accelerator: Any) -> HeldOutBatches | None:
+    """The held-out batches of ``validation`` (None when it is off); see :class:`HeldOutBatches`."""
     validation = recipe.validation
     if not validation.every:
         return None
@@ -186,14 +206,9 @@ def validation_batches(recipe: Recipe, accelerator: Any) -> list[dict] | None:
     )
     held_out = dataclasses.replace(recipe, data=data, dreambooth=None)
     source = batch_source(held_out, accelerator, prepare_command="pixart prepare VALIDATION_DATA")
-    batches = []
-    stream = source.iterate(0, 0, "cpu")
-    for _, _, batch in itertools.islice(stream, validation.batches):
-        batches.append({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
-    stream.close()
-    logger.info("validation: %d batches of %s every %d steps", len(batches), validation.path or validation.cache,
+    logger.info("validation: %d batches of %s every %d steps", validation.batches, validation.path or validation.cache,
                 validation.every)  # fmt: skip
-    return batches
+    return HeldOutBatches(source, validation.batches)
 
 
 def validation_sampler(recipe: Recipe) -> Callable[[nn.Module, int], None] | None:

@@ -198,13 +198,13 @@ def train(
     on_sample: Callable[[nn.Module, int], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     accelerator: Any = None,
-    validation: list[dict] | None = None,
+    validation: Callable[[], list[dict]] | None = None,
 ) -> TrainResult:
     """Run (or continue) the training described by ``recipe``; returns the last checkpoint.
 
     ``batches`` supplies per-process micro-batches (see :class:`BatchSource`); ``on_log`` receives metric dicts
     (main process); ``on_step`` the number of optimiser steps done, once at the start and after every step (main
-    process); ``on_sample`` is called with the EMA model every ``log.sample_every`` steps. ``validation``: this
+    process); ``on_sample`` is called with the EMA model every ``log.sample_every`` steps. ``validation``: gives this
     process's held-out micro-batches (``training.batches.validation_batches``), scored every ``validation.every``
     steps into ``validation.jsonl`` (``val_loss``) and ``val_loss.png``.
     """
@@ -355,7 +355,7 @@ def train(
                 acc.wait_for_everyone()
                 last = checkpoint_dirs(output)[-1][1]
             if validation and (position.step % recipe.validation.every == 0 or at_end):
-                val_loss = validation_loss(model, validation, diffusion, acc, seed)
+                val_loss = validation_loss(model, validation(), diffusion, acc, seed)
                 if acc.is_main_process:
                     with open(validation_path, "a") as f:
                         f.write(json.dumps({"step": position.step, "val_loss": val_loss}) + "\n")
