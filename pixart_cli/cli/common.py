@@ -146,6 +146,22 @@ class DType(str, enum.Enum):
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
 
 
+class T5Quant(str, enum.Enum):
+    """--t5-quant: T5's linear layers as stored, or 8-/4-bit weights (bitsandbytes; components/t5.py)."""
+
+    none = "none"
+    int8 = "int8"
+    nf4 = "nf4"
+
+
+T5QuantOpt = Annotated[
+    T5Quant,
+    typer.Option(
+        "--t5-quant", help="Load T5's weights in 8 (int8) or 4 bits (nf4): about 1/2 or 1/3.5 of the bf16 memory."
+    ),
+]
+
+
 class ConsoleHandler(logging.Handler):
     """Library log records as console lines (warnings in yellow), printed through the command's console."""
 

@@ -13,6 +13,8 @@ from rich.table import Table
 
 from pixart_cli.cli.common import (
     JsonOpt,
+    T5Quant,
+    T5QuantOpt,
     app,
     console,
     fails_cleanly,
@@ -113,6 +115,7 @@ def eval_compbench(
     limit: LimitOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Image j of every prompt uses seed + j.")] = 0,
     t5: T5Opt = None,
+    t5_quant: T5QuantOpt = T5Quant.none,
     vae: VaeOpt = None,
     sampler: SamplerOpt = "dpm-solver",
     steps: StepsOpt = None,
@@ -158,10 +161,12 @@ def eval_compbench(
         check_prompt_completion(model, t5)  # before anything is written
     # The benchmark lays out each image's seed (seed + j for image j of a prompt): the settings' own is not read.
     settings = SampleSettings(sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, height=height, width=width)
-    generation = recorded_generation(settings, model, t5, vae, dtype, complete_prompts=complete_prompts, lora=lora)
+    generation = recorded_generation(
+        settings, model, t5, vae, dtype, complete_prompts=complete_prompts, lora=lora, t5_quant=t5_quant.value
+    )
     maker = image_maker(
         model, settings, device=torch_device, dtype=dtype, t5=t5, vae=vae, complete_prompts=complete_prompts,
-        adapters=adapters,
+        adapters=adapters, t5_quant=t5_quant.value,
     )  # fmt: skip
     quiet_hub_libraries()
     with library_logging(), stage_progress(shard.is_main) as progress:

@@ -12,6 +12,8 @@ import typer
 
 from pixart_cli.cli.common import (
     JsonOpt,
+    T5Quant,
+    T5QuantOpt,
     app,
     console,
     fails_cleanly,
@@ -89,6 +91,7 @@ def eval_fid(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write cached statistics.")] = False,
     limit: LimitOpt = None,
     t5: T5Opt = None,
+    t5_quant: T5QuantOpt = T5Quant.none,
     vae: VaeOpt = None,
     sampler: SamplerOpt = "dpm-solver",
     steps: StepsOpt = None,
@@ -129,8 +132,11 @@ def eval_fid(
 
             # Image i's noise seed is seed + i, in its item: the settings' own seed is not read.
             settings = SampleSettings(sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size)
-            generation = recorded_generation(settings, model, t5, vae, dtype, lora=lora)
-            maker = image_maker(model, settings, device=torch_device, dtype=dtype, t5=t5, vae=vae, adapters=adapters)
+            generation = recorded_generation(settings, model, t5, vae, dtype, lora=lora, t5_quant=t5_quant.value)
+            maker = image_maker(
+                model, settings, device=torch_device, dtype=dtype, t5=t5, vae=vae, adapters=adapters,
+                t5_quant=t5_quant.value,
+            )  # fmt: skip
             if clip is not None and not (clip / "config.json").is_file():
                 raise PixartError(f"--clip {clip}: not a CLIP model directory (no config.json)")
             scorer = (lambda: ClipScorer.from_pretrained(clip, device=torch_device)) if clip else None

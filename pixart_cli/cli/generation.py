@@ -60,6 +60,7 @@ def recorded_generation(
     *,
     complete_prompts: bool = False,
     lora: list[str] | None = None,
+    t5_quant: str = "none",
 ) -> dict:
     """The generation settings recorded beside the images (``generation.json``; resuming with others is refused).
 
@@ -81,6 +82,8 @@ def recorded_generation(
         recorded["complete_prompts"] = True
     if lora:
         recorded["lora"] = list(lora)
+    if t5_quant != "none":
+        recorded["t5_quant"] = t5_quant
     return recorded
 
 
@@ -104,6 +107,7 @@ def image_maker(
     vae: str | None,
     complete_prompts: bool = False,
     adapters: list[tuple[str, float]] | None = None,
+    t5_quant: str = "none",
 ) -> ImageMaker | None:
     """A lazy PixArt image maker (the model loads only if an image is missing), or None without --model.
 
@@ -118,7 +122,7 @@ def image_maker(
         with console.status(f"loading {model}"):
             return Pipeline.from_pretrained(
                 model, t5=t5, vae=vae, device=device, dtype=dtype.torch if dtype else None,
-                complete_prompts=complete_prompts, adapters=adapters or (),
+                complete_prompts=complete_prompts, adapters=adapters or (), t5_quant=t5_quant,  # type: ignore[arg-type]
             )  # fmt: skip
 
     return pipeline_maker(load, settings)

@@ -13,6 +13,8 @@ import typer
 from pixart_cli.cli.common import (
     DType,
     JsonOpt,
+    T5Quant,
+    T5QuantOpt,
     app,
     console,
     fails_cleanly,
@@ -92,6 +94,7 @@ def prepare(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache.")] = False,
+    t5_quant: T5QuantOpt = T5Quant.none,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="With a recipe: override a recipe value (repeatable).")
     ] = None,
@@ -143,6 +146,7 @@ def prepare(
             num_workers=workers,
             device=resolve_device(device),
             dtype=compute_dtype,
+            t5_quant=t5_quant.value,
         )
         run = functools.partial(job.prepare, overwrite=overwrite)
     else:
@@ -176,6 +180,7 @@ def prepare(
             device=resolve_device(device),
             dtype=compute_dtype,
             overwrite=overwrite,
+            t5_quant=t5_quant.value,
         )
     bar = Bar(
         TextColumn("[bold]{task.description}"),

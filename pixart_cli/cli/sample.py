@@ -12,6 +12,8 @@ import typer
 from pixart_cli.cli.common import (
     DType,
     JsonOpt,
+    T5Quant,
+    T5QuantOpt,
     app,
     console,
     fails_cleanly,
@@ -133,6 +135,7 @@ def sample(
     offload: Annotated[
         bool, typer.Option("--offload", help="Free T5 after encoding; one component on the GPU at a time.")
     ] = False,
+    t5_quant: T5QuantOpt = T5Quant.none,
     complete_prompts: Annotated[
         bool | None,
         typer.Option(
@@ -190,7 +193,7 @@ def sample(
         with console.status(f"loading {model}"):
             pipeline = Pipeline.from_pretrained(
                 model, t5=t5, vae=vae, device=torch_device, dtype=dtype.torch if dtype else None, offload=offload,
-                complete_prompts=complete_prompts, adapters=adapters,
+                complete_prompts=complete_prompts, adapters=adapters, t5_quant=t5_quant.value,
             )  # fmt: skip
         # Sizes and memory are checked against the model before anything else is said (write_samples checks them
         # again): a refused run prints one error line.

@@ -77,9 +77,13 @@ def _train(
     from pixart_cli.training.dreambooth import dreambooth_batches
     from pixart_cli.training.loop import Interrupted, ensure_output_dir, make_accelerator
     from pixart_cli.training.loop import train as run_train
+    from pixart_cli.training.optimizers import check_optimizer_available
     from pixart_cli.training.resume import check_resume
+    from pixart_cli.training.trackers import check_trackers_available
 
     quiet_hub_libraries()
+    check_optimizer_available(recipe.optim)
+    check_trackers_available(recipe.log)
     check_resume(recipe, resolved, resume)  # a refused resume writes nothing and reads no data
     ensure_output_dir(Path(recipe.output.dir), resume)  # before any data is read: a used folder is refused at once
     accelerator, precision = make_accelerator(recipe)
@@ -147,7 +151,15 @@ def _train(
 
 
 def _print_plan(recipe: Recipe, recipe_path: str, overrides: tuple[str, ...], as_json: bool = False) -> None:
-    from pixart_cli.training.plan import describe_batch, describe_learning_rate, describe_model, describe_schedule, plan
+    from pixart_cli.training.plan import (
+        describe_batch,
+        describe_learning_rate,
+        describe_memory,
+        describe_model,
+        describe_optimizer,
+        describe_schedule,
+        plan,
+    )
 
     p = plan(recipe, recipe_path, overrides)
     if as_json:
@@ -165,9 +177,10 @@ def _print_plan(recipe: Recipe, recipe_path: str, overrides: tuple[str, ...], as
         ("global batch", describe_batch(recipe, p.world_size)),
         ("steps", f"{p.steps:,} ({p.images:,} images)"),
         ("learning rate", describe_learning_rate(recipe, p.world_size)),
+        ("optimiser", describe_optimizer(recipe)),
         ("schedule", describe_schedule(recipe)),
         ("precision", p.precision),
-        (f"memory / {unit}", f"≈ {p.memory_gib:.1f} GiB (estimate: training state + activations)"),
+        (f"memory / {unit}", describe_memory(recipe, p.memory_gib_by_strategy)),
         ("time", p.time),
         ("init", recipe.model.init or "fresh"),
         ("output", recipe.output.dir),

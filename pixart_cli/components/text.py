@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pixart_cli.components.t5 import load_t5
+from pixart_cli.components.t5 import T5Quantization, load_t5
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class TextEncoder:
         device: where the encoder runs.
         clean: apply ``clean_caption``; False applies only lower-case + strip (what diffusers does without
             ``clean_caption``), e.g. for exact comparisons with diffusers.
+        quantize: "int8" or "nf4": load the encoder's linear layers quantised (``load_t5``); "none": as stored.
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class TextEncoder:
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
         clean: bool = True,
+        quantize: T5Quantization = "none",
     ) -> None:
         if source is None and (tokenizer is None or encoder is None):
             raise ValueError("TextEncoder needs a source, or both a tokenizer and an encoder")
@@ -119,6 +121,7 @@ class TextEncoder:
         self.dtype = dtype
         self.device = torch.device(device)
         self.clean = clean
+        self.quantize = quantize
         if encoder is not None:
             self.encoder = encoder.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
 
@@ -130,7 +133,9 @@ class TextEncoder:
                 self.encoder = encoder.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
             else:
                 logger.debug("loading text encoder %s", self.source)
-                self.tokenizer, self.encoder = load_t5(self.source, dtype=self.dtype, device=self.device)
+                self.tokenizer, self.encoder = load_t5(
+                    self.source, dtype=self.dtype, device=self.device, quantize=self.quantize
+                )
         return self
 
     @property

@@ -56,6 +56,7 @@ import torch
 
 from pixart_cli.components.autoencoders import Autoencoder, load_autoencoder
 from pixart_cli.components.resolve import BUILTIN, resolve_builtin
+from pixart_cli.components.t5 import T5Quantization
 from pixart_cli.components.text import TextEncoder
 from pixart_cli.data.buckets import Buckets, assign_buckets
 from pixart_cli.data.sources import (
@@ -307,6 +308,7 @@ def prepare(
     overwrite: bool = False,
     progress: Callable[[PrepareProgress], None] | None = None,
     dist: Dist | None = None,
+    t5_quant: T5Quantization = "none",
 ) -> PrepareReport | None:
     """Extract caption features (or labels) and latent posteriors of a dataset into a sharded cache at ``output``.
 
@@ -328,12 +330,15 @@ def prepare(
         progress: called in process 0 with a ``PrepareProgress`` of the whole job at the start and after each of
             its shards.
         dist: this process among those launched together (default: from the launcher's environment).
+        t5_quant: "int8" or "nf4": T5's linear layers quantised (``components.t5.load_t5``); recorded in the index.
 
     Returns the report of the whole job in process 0, None in the others.
     """
     dist = dist or Dist.from_environment()
     try:
-        return _prepare(data, output, settings, t5, vae, dist.device(device), dtype, overwrite, progress, dist)
+        return _prepare(
+            data, output, settings, t5, vae, dist.device(device), dtype, overwrite, progress, dist, t5_quant
+        )
     finally:
         dist.close()  # also where another step of the launch opened the group (a recipe's dataset)
 
@@ -349,6 +354,7 @@ def _prepare(
     overwrite: bool,
     progress: Callable[[PrepareProgress], None] | None,
     dist: Dist,
+    t5_quant: T5Quantization = "none",
 ) -> PrepareReport | None:
     start_time = time.perf_counter()
     output = Path(output)
@@ -397,6 +403,8 @@ def _prepare(
     }
     if caption_fields and caption_fields != DEFAULT_CAPTION_FIELDS:  # recorded only then: older caches still match
         recorded["caption_fields"] = list(caption_fields)
+    if captioned and t5_quant != "none":  # likewise
+        recorded["t5_quantization"] = t5_quant
     index_path = output / INDEX
     if index_path.exists() and not overwrite:
         index = _read_json(index_path)
@@ -425,7 +433,9 @@ def _prepare(
         buckets = Buckets.for_resolution(settings.resolution, settings.multi_scale, multiple)
     except ValueError as exc:
         raise PixartError(f"{exc} (bucket sides must be multiples of the VAE downsampling × patch size 2)") from None
-    text_encoder = _text_encoder(t5, settings.max_length, dtype, device, settings.clean_captions) if captioned else None
+    text_encoder = (
+        _text_encoder(t5, settings.max_length, dtype, device, settings.clean_captions, t5_quant) if captioned else None
+    )
     digest = _records_digest(source.records)
     shard_root = output / SHARDS
     # Shards an earlier run finished, listed by every process before any process writes one (after the barrier a
@@ -576,12 +586,14 @@ def _diff(old: dict | None, new: dict) -> str:
     return "; ".join(changed[:3]) or "unknown difference"
 
 
-def _text_encoder(t5, max_length: int, dtype, device, clean: bool):
+def _text_encoder(t5, max_length: int, dtype, device, clean: bool, quantize: T5Quantization = "none"):
     if isinstance(t5, TextEncoder):
         if t5.max_length != max_length:
             raise PixartError(f"the text encoder pads to {t5.max_length} tokens, but max length is {max_length}")
         return t5
-    return TextEncoder(os.fspath(t5), max_length=max_length, dtype=dtype, device=device, clean=clean).load()
+    return TextEncoder(
+        os.fspath(t5), max_length=max_length, dtype=dtype, device=device, clean=clean, quantize=quantize
+    ).load()
 
 
 def _check_plan(output: Path, plan: dict[str, Any], settings: dict, digest: str) -> None:

@@ -26,6 +26,7 @@ from pixart_cli.checkpoints.convert import read_any
 from pixart_cli.checkpoints.format import instantiate, is_checkpoint_dir, latest_in_run, read_config
 from pixart_cli.components.autoencoders import Autoencoder, load_autoencoder
 from pixart_cli.components.resolve import offline_hint, resolve_builtin
+from pixart_cli.components.t5 import T5Quantization
 from pixart_cli.components.text import Captions, TextEncoder
 from pixart_cli.errors import PixartError
 from pixart_cli.models import PixArtConfig
@@ -170,6 +171,7 @@ class Pipeline:
         clean_captions: bool = True,
         complete_prompts: bool | None = None,
         adapters: Sequence[tuple[str, float]] = (),
+        t5_quant: T5Quantization = "none",
     ) -> Pipeline:
         """Load from our checkpoint directory, a diffusers pipeline directory (or hub id), or an official ``.pth``.
 
@@ -179,7 +181,8 @@ class Pipeline:
         (``pixart_cli.shapesworld.demo.prompt_completion``); None (default) does so where the checkpoint records
         how (``meta.prompt_completion``: ShapesWorld models); True where it records none is an error.
         ``adapters``: (adapter directory, scale) pairs merged into the weights (``pixart sample --lora``); the
-        model's name (recorded with each image) then names them too.
+        model's name (recorded with each image) then names them too. ``t5_quant``: "int8" or "nf4" loads T5's linear
+        layers quantised (bitsandbytes; ``components.t5.load_t5``).
         """
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
@@ -198,6 +201,8 @@ class Pipeline:
                 f"{model}: the checkpoint names no VAE; pass --vae (an AutoencoderKL directory or hub id, "
                 "or 'none' for a pixel-space model)"
             )
+        if t5_quant != "none":  # named with every image: its pixels depend on it
+            name += f" (T5 {t5_quant})"
         null_caption = checkpoint.meta.null_caption
         completion = _prompt_completion(model, checkpoint.meta.prompt_completion, complete_prompts)
         rest = torch.device("cpu") if offload else device
@@ -206,8 +211,9 @@ class Pipeline:
         transformer = instantiate(checkpoint, ema=None if adapters else ema, device=rest, dtype=dtype)
         del checkpoint
         text = TextEncoder(
-            t5, max_length=transformer.config.max_length, dtype=dtype, device=device, clean=clean_captions
-        )
+            t5, max_length=transformer.config.max_length, dtype=dtype, device=device, clean=clean_captions,
+            quantize=t5_quant,
+        )  # fmt: skip
         width = text.load().encoder.config.d_model
         if width != transformer.config.caption_channels:
             raise PixartError(

@@ -42,7 +42,12 @@ class EMA:
 
     def load(self, state_dict: dict[str, torch.Tensor]) -> None:
         for name, param in zip(self.names, self.params, strict=True):
-            param.copy_(state_dict[name])
+            value = state_dict[name]
+            if hasattr(param, "device_mesh"):  # sharded (FSDP): take this process's shard of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+            param.copy_(value)
 
     @torch.no_grad()
     def copy_from(self, model: nn.Module) -> None:

@@ -47,6 +47,7 @@ from pixart_cli.errors import PixartError
 from pixart_cli.io import remove_stale_temporaries
 from pixart_cli.precision import PrecisionChoice, choose_precision
 from pixart_cli.training.ema import EMA
+from pixart_cli.training.optimizers import build_optimizer
 from pixart_cli.training.plot import line_plot, smooth
 from pixart_cli.training.recipe import (
     OptimSection,
@@ -55,6 +56,8 @@ from pixart_cli.training.recipe import (
 )
 from pixart_cli.training.resume import Position, check_resume, resume_training, save_training_checkpoint
 from pixart_cli.training.setup import build_training_model
+from pixart_cli.training.sharding import describe_shards, make_fsdp_accelerator, shard_ema_like, state_io
+from pixart_cli.training.trackers import accelerator_kwargs, finish_trackers, start_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +132,10 @@ def make_accelerator(recipe: Recipe) -> tuple[Any, PrecisionChoice]:
 
     cuda = torch.cuda.is_available()
     choice = choose_precision(recipe.train.mixed_precision, "cuda" if cuda else "cpu")
-    return Accelerator(mixed_precision=choice.accelerate, cpu=not cuda), choice
+    if recipe.cluster.strategy == "fsdp":
+        block = f"{recipe.model.architecture}Block"  # PixArtBlock, DiTBlock: the unit each shard gathers
+        return make_fsdp_accelerator(choice.accelerate, not cuda, block, **accelerator_kwargs(recipe)), choice
+    return Accelerator(mixed_precision=choice.accelerate, cpu=not cuda, **accelerator_kwargs(recipe)), choice
 
 
 def ensure_output_dir(output: Path, resume: str | None = None) -> None:
@@ -224,27 +230,28 @@ def train(
         hold_base(model, recipe.adapter.base_dtype, acc.mixed_precision)
     ema = EMA(model, recipe.train.ema_decay, recipe.train.ema_warmup)
     lr = recipe.learning_rate(acc.num_processes)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=lr,
-        betas=recipe.optim.betas,
-        eps=recipe.optim.eps,
-        weight_decay=recipe.optim.weight_decay,
-        fused=acc.device.type == "cuda",
-    )
+    optimizer = build_optimizer(recipe.optim, (p for p in model.parameters() if p.requires_grad), lr, acc.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(recipe.optim, recipe.train.steps))
-    resumed = resume_training(
-        resume, recipe, resolved, model, ema, optimizer, scheduler, lr, acc.is_main_process, base=base
-    )
-    start, position = resumed if resumed is not None else (None, Position())
-    already_done = position.step >= recipe.train.steps
+    io = state_io(acc)
 
+    def resume_from_checkpoint(model: nn.Module) -> tuple[Path, Position] | None:
+        return resume_training(
+            resume, recipe, resolved, model, ema, optimizer, scheduler, lr, acc.is_main_process, base=base, io=io
+        )
+
+    resumed = None if io.sharded else resume_from_checkpoint(model)  # sharded: into the shards, below
     if recipe.model.compile:
         for block in model.blocks:
             block.compile()
     ema.params = [p.to(acc.device) for p in ema.params]
     model, optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(model)
+    if io.sharded:
+        shard_ema_like(ema, raw_model)
+        logger.info("FSDP: %s", describe_shards(raw_model, acc.num_processes))
+        resumed = resume_from_checkpoint(raw_model)
+    start, position = resumed if resumed is not None else (None, Position())
+    already_done = position.step >= recipe.train.steps
     diffusion = GaussianDiffusion.for_model(raw_model.config, NUM_TIMESTEPS)
     accumulation = recipe.train.grad_accumulation
     rank, world, device, seed = acc.process_index, acc.num_processes, acc.device, recipe.train.seed
@@ -267,9 +274,8 @@ def train(
     data = batches.iterate(position.epoch, position.batch, device)
     with _StopFlag() as stop, contextlib.ExitStack() as stack:
         metrics = stack.enter_context(open(metrics_path, "a")) if acc.is_main_process else None
-        board = _tensorboard(output) if acc.is_main_process and recipe.log.tensorboard else None
-        if board is not None:
-            stack.callback(board.close)
+        start_trackers(acc, recipe, resolved)
+        stack.callback(finish_trackers, acc)
         while position.step < recipe.train.steps:
             step = position.step
             model.train()
@@ -295,6 +301,8 @@ def train(
                 position.images += b * acc.num_processes
                 step_images += b * acc.num_processes
             grad_norm = acc.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip or math.inf)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+                grad_norm = grad_norm.full_tensor()
             # The one host sync of the step: the loss averaged over processes, any process's stop signal, and the
             # gradient norm (equal on all processes after the all-reduce), so every process decides alike.
             votes = torch.stack([step_loss.float(), torch.tensor(float(stop.signal is not None), device=device)])
@@ -336,9 +344,7 @@ def train(
                 if metrics is not None:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
-                    for key, value in record.items() if board is not None else ():
-                        if key != "step":
-                            board.add_scalar(f"train/{key}", value, position.step)
+                    acc.log({f"train/{key}": value for key, value in record.items() if key != "step"}, position.step)
                     if on_log:
                         on_log(record)
                 window_images, window_start = 0, time.perf_counter()
@@ -347,11 +353,12 @@ def train(
                 on_step(position.step)
             at_end = position.step == recipe.train.steps
             if position.step % recipe.output.save_every == 0 or at_end or stopping:
-                _check_replicas(acc, raw_model)
-                if acc.is_main_process:
-                    last = save_training_checkpoint(
-                        output, recipe, resolved, raw_model, ema, optimizer, scheduler, position, base=base
-                    )
+                if not io.sharded:
+                    _check_replicas(acc, raw_model)
+                save_training_checkpoint(
+                    output, recipe, resolved, raw_model, ema, optimizer, scheduler, position, base=base, io=io,
+                    main=acc.is_main_process,
+                )  # fmt: skip
                 acc.wait_for_everyone()
                 last = checkpoint_dirs(output)[-1][1]
             if validation and (position.step % recipe.validation.every == 0 or at_end):
@@ -359,12 +366,12 @@ def train(
                 if acc.is_main_process:
                     with open(validation_path, "a") as f:
                         f.write(json.dumps({"step": position.step, "val_loss": val_loss}) + "\n")
-                    if board is not None:
-                        board.add_scalar("validation/loss", val_loss, position.step)
+                    acc.log({"validation/loss": val_loss}, position.step)
                     logger.info("step %d: validation loss %.4f", position.step, val_loss)
             if on_sample and recipe.log.sample_every and position.step % recipe.log.sample_every == 0:
+                averaged = io.ema(raw_model, ema) if io.sharded else None  # gathered by every process
                 if acc.is_main_process:
-                    on_sample(_ema_model(raw_model, ema), position.step)
+                    on_sample(_ema_model(raw_model, ema, averaged), position.step)
                 acc.wait_for_everyone()
             if stopping and not at_end:
                 raise Interrupted(stop.signal or signal.SIGTERM, position.step, last)
@@ -422,21 +429,14 @@ def _check_replicas(acc: Any, model: nn.Module) -> None:
         raise PixartError(f"data-parallel processes hold different weights (checksums {gathered.tolist()})")
 
 
-def _tensorboard(output: Path) -> Any:
-    """A TensorBoard writer in ``output/tensorboard`` when the tensorboard package is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # lazy: optional (tensorboard may not be installed)
-    except ImportError:
-        return None
-    return SummaryWriter(str(output / "tensorboard"))
-
-
-def _ema_model(model: nn.Module, ema: EMA) -> nn.Module:
-    """A plain model with the EMA weights (an adapter's EMA folded into its base)."""
+def _ema_model(model: nn.Module, ema: EMA, state_dict: dict | None = None) -> nn.Module:
+    """A plain model with the EMA weights (an adapter's EMA folded into its base); ``state_dict``: the EMA's whole
+    state dict where it was gathered from shards."""
     if any(".lora_" in name for name in ema.names):
         return merged_model(model, state_dict=ema.state_dict(model))
-    copy = build_model(model.config).to(ema.params[0].device)
-    copy.load_state_dict(ema.state_dict(model), strict=True)
+    device = torch.device("cpu") if state_dict is not None else ema.params[0].device
+    copy = build_model(model.config).to(device)
+    copy.load_state_dict(state_dict if state_dict is not None else ema.state_dict(model), strict=True)
     return copy.eval()
 
 

@@ -17,6 +17,7 @@ from pixart_cli.data.sources import expand_braces, is_shard_pattern
 from pixart_cli.errors import PixartError
 from pixart_cli.models import DiTConfig
 from pixart_cli.precision import choose_precision, describe_cpu
+from pixart_cli.training.optimizers import STATE_BYTES_PER_PARAM as OPTIMIZER_STATE_BYTES
 from pixart_cli.training.recipe import Recipe
 
 GIB = 1024**3
@@ -24,8 +25,8 @@ GIB = 1024**3
 # autocast (norm/modulate outputs, q/k/v, attention output, the 4× MLP hidden twice, fp32 residual copies).
 # An estimate from counting the saved tensors; see docs/training.md for how it compares with measurements.
 ACTIVATION_BYTES_PER_TOKEN_WIDTH = 60
-# Persistent bytes per parameter: fp32 weights (4) + fp32 gradients (4) + AdamW moments (8) + fp32 EMA (4).
-STATE_BYTES_PER_PARAM = 20
+# Persistent bytes per trained parameter besides the optimiser's state: fp32 weights, gradients and EMA.
+STATE_BYTES_PER_PARAM = 12
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class Plan:
     steps: int
     images: int
     learning_rate: float
-    memory_gib: float  # estimate per GPU
+    memory_gib: float  # estimate per GPU, with the recipe's cluster.strategy
+    memory_gib_by_strategy: dict[str, float]  # the same estimate for ddp and for fsdp
     launch: str
     precision: str  # what train.mixed_precision means where the recipe runs
     time: str  # an estimate of the wall-clock time, naming the measurement it scales
@@ -101,10 +103,12 @@ def count_parameters(recipe: Recipe) -> tuple[int, int]:
     return one + (config.depth - 1) * (two - one), one_trainable + (config.depth - 1) * (two_trainable - one_trainable)
 
 
-def memory_estimate(recipe: Recipe, parameters: int, trainable: int | None = None) -> float:
+def memory_estimate(
+    recipe: Recipe, parameters: int, trainable: int | None = None, strategy: str | None = None
+) -> float:
     """Peak GiB per GPU: persistent training state plus saved activations of one micro-batch. ``parameters``
     are all of them, ``trainable`` those trained (default: all); a frozen base holds only its weights, in
-    ``adapter.base_dtype``."""
+    ``adapter.base_dtype``. ``strategy``: ddp or fsdp (default: the recipe's ``cluster.strategy``)."""
     config = recipe.model_config()
     latent = recipe.data.resolution // (1 if recipe.data.vae == "none" else 8)
     tokens = (latent // config.patch_size) ** 2
@@ -115,7 +119,11 @@ def memory_estimate(recipe: Recipe, parameters: int, trainable: int | None = Non
         per_sample = config.depth * per_block
     trainable = parameters if trainable is None else trainable
     frozen_bytes = 2 if recipe.adapter is not None and recipe.adapter.base_dtype != "fp32" else 4
-    state = STATE_BYTES_PER_PARAM * trainable + frozen_bytes * (parameters - trainable)
+    per_trained = STATE_BYTES_PER_PARAM + OPTIMIZER_STATE_BYTES[recipe.optim.name]
+    state = per_trained * trainable + frozen_bytes * (parameters - trainable)
+    if (strategy or recipe.cluster.strategy) == "fsdp":
+        # 1/N of the state each, plus whole fp32 blocks gathered as it goes (the next one prefetched).
+        state = state / recipe.cluster.world_size + 2 * 4 * parameters / config.depth
     return (state + recipe.train.batch_size * per_sample) / GIB
 
 
@@ -234,6 +242,7 @@ def plan(recipe: Recipe, recipe_path: str, overrides: tuple[str, ...] = ()) -> P
         images=recipe.global_batch(world) * recipe.train.steps,
         learning_rate=recipe.learning_rate(world),
         memory_gib=memory_estimate(recipe, parameters, trainable),
+        memory_gib_by_strategy={s: memory_estimate(recipe, parameters, trainable, s) for s in ("ddp", "fsdp")},
         launch=launch_command(recipe_path, recipe, overrides),
         precision=describe_precision(recipe),
         time=time_estimate(recipe, parameters, tokens),
@@ -272,6 +281,21 @@ def describe_batch(recipe: Recipe, world_size: int) -> str:
         f"{recipe.train.batch_size} per {unit} × {recipe.train.grad_accumulation} accumulation × {world_size} "
         f"{units} = {recipe.global_batch(world_size):,}"
     )
+
+
+def describe_memory(recipe: Recipe, by_strategy: dict[str, float]) -> str:
+    """The estimate for the recipe's strategy, and for the other one when more than one process shares the work."""
+    chosen = recipe.cluster.strategy
+    line = f"≈ {by_strategy[chosen]:.1f} GiB with {chosen} (estimate: training state + activations)"
+    if recipe.cluster.world_size > 1:
+        other = "fsdp" if chosen == "ddp" else "ddp"
+        line += f"; ≈ {by_strategy[other]:.1f} GiB with cluster.strategy={other}"
+    return line
+
+
+def describe_optimizer(recipe: Recipe) -> str:
+    optim = recipe.optim
+    return f"{optim.name}: {OPTIMIZER_STATE_BYTES[optim.name]:g} bytes of state per trained parameter"
 
 
 def describe_schedule(recipe: Recipe) -> str:

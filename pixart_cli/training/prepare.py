@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from pixart_cli.components.autoencoders import Autoencoder, load_autoencoder
+from pixart_cli.components.t5 import T5Quantization
 from pixart_cli.data.cache import PrepareProgress, PrepareReport, PrepareSettings, prepare
 from pixart_cli.data.sources import UnknownCaptionField
 from pixart_cli.distributed import Dist
@@ -41,6 +42,7 @@ class RecipeCache:
     vae: Autoencoder
     device: torch.device | str = "cpu"
     dtype: torch.dtype | None = None
+    t5_quant: T5Quantization = "none"
 
     def prepare(
         self, *, overwrite: bool = False, progress: Callable[[PrepareProgress], None] | None = None
@@ -58,6 +60,7 @@ class RecipeCache:
                 dtype=self.dtype,
                 overwrite=overwrite,
                 progress=progress,
+                t5_quant=self.t5_quant,
             )
         except UnknownCaptionField as exc:
             raise caption_field_error(exc) from None
@@ -79,6 +82,7 @@ def recipe_cache(
     num_workers: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    t5_quant: T5Quantization = "none",
 ) -> RecipeCache:
     """Resolve the cache ``recipe`` trains on; ``.prepare()`` on the result builds it.
 
@@ -122,4 +126,4 @@ def recipe_cache(
         ensure_shapes_dataset(loaded)
     # Buckets must tile into whole patches of latent pixels: the encoder's own downsampling × the patch size.
     settings = dataclasses.replace(settings, bucket_multiple=autoencoder.downsample * config.patch_size)
-    return RecipeCache(Path(data.path), Path(output), settings, t5, autoencoder, device, dtype)
+    return RecipeCache(Path(data.path), Path(output), settings, t5, autoencoder, device, dtype, t5_quant)

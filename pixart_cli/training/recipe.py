@@ -156,10 +156,13 @@ class DataSection:
 
 @dataclass(frozen=True)
 class OptimSection:
+    # "adamw" (torch), "adamw8bit" (bitsandbytes: 8-bit moments) or "came" (came-pytorch; PixArt-Σ's optimiser,
+    # which takes three betas and two eps): pixart_cli/training/optimizers.py.
+    name: Literal["adamw", "adamw8bit", "came"] = "adamw"
     lr: float = 2e-5  # at the reference batch; see lr_scaling
     weight_decay: float = 0.03
-    eps: float = 1e-10
-    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float | tuple[float, float] = 1e-10
+    betas: tuple[float, ...] = (0.9, 0.999)
     grad_clip: float = 0.01
     warmup_steps: int = 1000  # linear warm-up, then `decay`
     # After warm-up: "none" keeps the peak lr (the official recipes); "cosine" or "linear" anneal it to
@@ -171,17 +174,32 @@ class OptimSection:
     reference_batch: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("lr", "eps", "weight_decay", "grad_clip"):
+        for name in ("lr", "weight_decay", "grad_clip"):
             if not math.isfinite(getattr(self, name)):  # nan would pass every comparison below
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
-        _positive(self, "lr", "eps")
+        _positive(self, "lr")
+        self._check_betas_and_eps()
         _non_negative(self, "weight_decay", "grad_clip", "warmup_steps")
         if not 0 <= self.final_lr_fraction <= 1:
             raise ValueError(f"final_lr_fraction: must be in [0, 1], got {self.final_lr_fraction}")
-        if not all(0 <= beta < 1 for beta in self.betas):
-            raise ValueError(f"betas: both must be in [0, 1), got {list(self.betas)}")
         if self.reference_batch <= 0:
             raise ValueError(f"reference_batch: must be positive, got {self.reference_batch}")
+
+    def _check_betas_and_eps(self) -> None:
+        came = self.name == "came"
+        betas, eps = (3, 2) if came else (2, 1)
+        example = "[0.9, 0.999, 0.9999] and [1.0e-30, 1.0e-16] (the official PixArt-Σ CAME config)" if came else ""
+        if len(self.betas) != betas or not all(0 <= beta < 1 for beta in self.betas):
+            hint = f", e.g. {example}" if came else ""
+            raise ValueError(f"betas: {self.name} takes {betas} betas in [0, 1), got {list(self.betas)}{hint}")
+        values = self.eps if isinstance(self.eps, tuple) else (self.eps,)
+        if len(values) != eps:
+            raise ValueError(
+                f"eps: {self.name} takes {'two values' if came else 'one value'}, got {self.eps}"
+                + (f"; e.g. betas and eps {example}" if came else "")
+            )
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"eps: must be positive, got {self.eps}")
 
 
 @dataclass(frozen=True)
@@ -235,7 +253,10 @@ class LogSection:
     sample_prompts: tuple[str, ...] = ()
     sample_steps: int = 20
     sample_cfg: float = 4.5
-    tensorboard: bool = True  # when tensorboard is installed
+    # Trackers that also receive every metric, through accelerate (metrics.jsonl is always written): tensorboard
+    # (<output.dir>/tensorboard), wandb (<output.dir>/wandb); pip install -e ".[trackers]". docs/training.md.
+    trackers: tuple[Literal["tensorboard", "wandb"], ...] = ()
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: written locally, `wandb sync` uploads it later
 
     def __post_init__(self) -> None:
         _positive(self, "every")
@@ -252,6 +273,9 @@ class ClusterSection:
     nodes: int = 1
     gpus_per_node: int = 8
     launcher: Literal["accelerate", "torchrun"] = "accelerate"
+    # "ddp": every process holds the whole model and its training state; "fsdp": each holds 1/N of the weights,
+    # gradients, optimiser state and EMA, gathering one block at a time (FSDP2 through accelerate; docs/training.md).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
         if self.nodes <= 0 or self.gpus_per_node <= 0:
@@ -339,6 +363,14 @@ class Recipe:
             raise ValueError("data.captions: stage 1 trains on class labels, not captions")
         if self.adapter is not None and (self.model.architecture != "PixArt" or self.model.init is None):
             raise ValueError("adapter: an adapter fine-tunes a trained PixArt: set model.init to the base model")
+        if self.cluster.strategy == "fsdp":
+            if self.adapter is not None:
+                raise ValueError("cluster.strategy: fsdp shards full training; an adapter run is small, use ddp")
+            if self.optim.name != "adamw":
+                raise ValueError(
+                    f"cluster.strategy: fsdp shards AdamW's state; {self.optim.name} keeps per-matrix statistics a "
+                    "shard would compute differently: use optim.name=adamw, or cluster.strategy=ddp"
+                )
         if self.dreambooth is not None:
             if self.model.architecture != "PixArt" or self.model.init is None:
                 raise ValueError("dreambooth: DreamBooth fine-tunes a trained PixArt: set model.init to the base model")

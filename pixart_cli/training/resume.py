@@ -53,6 +53,7 @@ from pixart_cli.training.recipe import (
     Recipe,
     resume_changes,
 )
+from pixart_cli.training.sharding import PlainState
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ def _restore(
     scheduler: Any,
     lr: float,
     base: BaseReference | None = None,
+    io: PlainState = PlainState(),
 ) -> Position:
     """Load weights, EMA, optimiser and schedule state from a training checkpoint; a DamagedCheckpoint naming the
     file for anything missing or unreadable."""
@@ -219,10 +221,10 @@ def _restore(
             raise
         raise DamagedCheckpoint(str(exc)) from None
     if not adapter:
-        model.load_state_dict(ckpt.state_dict, strict=True)
+        io.load_model(model, ckpt.state_dict)
         ema.load(ckpt.ema_state_dict)
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        io.load_optimizer(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except Exception as exc:  # a loadable file with the wrong contents: KeyError, ValueError, TypeError, ...
         raise DamagedCheckpoint(f"{checkpoint / STATE_FILE}: not this model's optimiser state ({exc!r:.200})") from None
@@ -246,6 +248,7 @@ def resume_training(
     lr: float,
     main: bool,
     base: BaseReference | None = None,
+    io: PlainState = PlainState(),
 ) -> tuple[Path, Position] | None:
     """Continue from the newest readable checkpoint (``auto``: a damaged one is set aside with a log line) or the
     named one (damaged: an error)."""
@@ -259,7 +262,7 @@ def resume_training(
             continue
         noted = _refuse_changes(path, saved, resolved)
         try:
-            position = _restore(path, model, ema, optimizer, scheduler, lr, base)
+            position = _restore(path, model, ema, optimizer, scheduler, lr, base, io)
         except DamagedCheckpoint as exc:
             damaged.append((path, str(exc)))
             continue
@@ -313,21 +316,28 @@ def save_training_checkpoint(
     scheduler: Any,
     position: Position,
     base: BaseReference | None = None,
+    io: PlainState = PlainState(),
+    main: bool = True,
 ) -> Path:
-    """Write one checkpoint directory atomically (main process only) and prune old ones. An adapter run (``base``
-    given) writes the adapter's directory instead of the model's."""
+    """Write one checkpoint directory atomically and prune old ones; every process calls it (a sharded model's state
+    is gathered by all), the main process writes. An adapter run (``base`` given) writes the adapter's directory
+    instead of the model's."""
     directory = output / CHECKPOINTS / f"step-{position.step:07d}"
     source = f"{recipe.name} step {position.step}"
+    if not (main or io.sharded):
+        return directory
+    weights, averaged, optimizer_state = io.model(model), io.ema(model, ema), io.optimizer(model, optimizer)
+    if not main:
+        return directory
     with atomic_directory(directory, overwrite=True) as tmp:
         if base is not None:
             assert recipe.adapter is not None
-            weights, averaged = adapter_state_dict(model), adapter_state_dict(model, state_dict=ema.state_dict(model))
+            weights, averaged = adapter_state_dict(model), adapter_state_dict(model, state_dict=averaged)
             write_adapter_files(Adapter(recipe.adapter, base, model.config, weights, averaged, source), tmp)
         else:
-            checkpoint = Checkpoint(model.config, model.state_dict(), ema.state_dict(model), _meta(recipe, source))
-            write_checkpoint_files(checkpoint, tmp)
+            write_checkpoint_files(Checkpoint(model.config, weights, averaged, _meta(recipe, source)), tmp)
         (tmp / RECIPE_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / STATE_FILE)
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / STATE_FILE)
         (tmp / POSITION_FILE).write_text(json.dumps(dataclasses.asdict(position)))
     for _, old in checkpoint_dirs(output)[: -recipe.output.keep_last]:
         shutil.rmtree(old, ignore_errors=True)
