@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import pixart_cli
+from pixart_cli.checkpoints.sharded import is_sharded_dir, read_sharded, split
 from pixart_cli.components.resolve import resolve_builtin
 from pixart_cli.config import ConfigError, from_dict, to_dict
 from pixart_cli.errors import PixartError
@@ -164,16 +165,20 @@ def write_checkpoint_files(checkpoint: Checkpoint, directory: Path) -> None:
     check_state_dict(checkpoint.state_dict, checkpoint.config, "model weights")
     if checkpoint.ema_state_dict is not None:
         check_state_dict(checkpoint.ema_state_dict, checkpoint.config, "EMA weights")
-    config = {
+    weights = {MODEL_FILE: checkpoint.state_dict, EMA_FILE: checkpoint.ema_state_dict}
+    write_weight_files(directory, weights, CONFIG_FILE, config_file(checkpoint.config, checkpoint.meta))
+
+
+def config_file(config: PixArtConfig | DiTConfig, meta: CheckpointMeta) -> dict:
+    """The contents of ``config.yaml``: what the weights beside it are."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "architecture": checkpoint.architecture,
-        "model": to_dict(checkpoint.config),
-        "meta": _meta_dict(checkpoint.meta),
+        "architecture": "DiT" if isinstance(config, DiTConfig) else "PixArt",
+        "model": to_dict(config),
+        "meta": _meta_dict(meta),
         "pixart_version": pixart_cli.__version__,
     }
-    weights = {MODEL_FILE: checkpoint.state_dict, EMA_FILE: checkpoint.ema_state_dict}
-    write_weight_files(directory, weights, CONFIG_FILE, config)
 
 
 def write_weight_files(
@@ -202,8 +207,9 @@ def save_checkpoint(checkpoint: Checkpoint, directory: str | Path, overwrite: bo
 
 
 def is_checkpoint_dir(path: str | Path) -> bool:
+    """Ours: config.yaml with model.safetensors, or with the shards of an FSDP run (``checkpoints.sharded``)."""
     path = Path(path)
-    return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
+    return (path / CONFIG_FILE).is_file() and ((path / MODEL_FILE).is_file() or is_sharded_dir(path))
 
 
 def read_config(directory: str | Path) -> tuple[PixArtConfig | DiTConfig, CheckpointMeta]:
@@ -246,6 +252,15 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     if not is_checkpoint_dir(directory):
         raise PixartError(f"{directory}: not a pixart checkpoint (needs {CONFIG_FILE} and {MODEL_FILE})")
     config, meta = read_config(directory)
+    if is_sharded_dir(directory):  # an FSDP run's checkpoint: its shards, put together
+        tensors = read_sharded(directory, ("model.", "ema."))
+        state_dict, averaged = split(tensors, "model"), split(tensors, "ema")
+        if not averaged or not averaged.keys() <= state_dict.keys():
+            raise PixartError(f"{directory}: the shards hold no EMA of the model's weights")
+        ema = {**state_dict, **averaged}  # the EMA of the trained weights; buffers are the model's
+        check_state_dict(state_dict, config, f"{directory} (model shards)")
+        check_state_dict(ema, config, f"{directory} (EMA shards)")
+        return Checkpoint(config, state_dict, ema, meta)
     state_dict = read_weights(directory / MODEL_FILE)
     check_state_dict(state_dict, config, str(directory / MODEL_FILE))
     ema = None
@@ -276,7 +291,7 @@ def checkpoint_dirs(output: str | Path) -> list[tuple[int, Path]]:
     found = []
     for path in root.glob("step-*") if root.is_dir() else []:
         position = path / POSITION_FILE
-        weights = (path / MODEL_FILE).is_file() or (path / ADAPTER_FILE).is_file()
+        weights = (path / MODEL_FILE).is_file() or (path / ADAPTER_FILE).is_file() or is_sharded_dir(path)
         if path.is_dir() and position.is_file() and (path / STATE_FILE).is_file() and weights:
             try:
                 found.append((int(json.loads(position.read_text())["step"]), path))

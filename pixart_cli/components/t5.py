@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,8 @@ def quantization_config(quantize: T5Quantization, dtype: torch.dtype | None):
     from transformers import BitsAndBytesConfig
 
     if quantize == "int8":
+        # Said at every forward on a CPU, where the int8 matmul computes in fp16: expected, not news to the user.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
@@ -49,6 +52,10 @@ def load_t5(
         T5EncoderModel,
     )
 
+    if quantize != "none" and dtype is None:
+        # What stays unquantised (embedding, norms, and the `wo` projections transformers keeps out of 8-bit for
+        # T5, whose activations there overflow fp16) would otherwise load in fp32: more memory than bf16 T5.
+        dtype = torch.bfloat16
     quantized = quantization_config(quantize, dtype)
 
     path, local_only = locate(name, "T5")
@@ -59,10 +66,14 @@ def load_t5(
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(sub or path), local_files_only=local_only)
         if quantized is not None:
-            encoder = T5EncoderModel.from_pretrained(
-                str(enc or path), torch_dtype=dtype, local_files_only=local_only, quantization_config=quantized,
-                device_map={"": str(torch.device(device))},
-            )  # fmt: skip
+            try:
+                encoder = T5EncoderModel.from_pretrained(
+                    str(enc or path), torch_dtype=dtype, local_files_only=local_only, quantization_config=quantized,
+                    device_map={"": str(torch.device(device))},
+                )  # fmt: skip
+            except (ImportError, RuntimeError) as exc:  # bitsandbytes present but unusable here
+                detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise PixartError(f"--t5-quant {quantize}: bitsandbytes cannot load T5 here ({detail})") from None
             return tokenizer, encoder.eval().requires_grad_(False)
         encoder = T5EncoderModel.from_pretrained(str(enc or path), torch_dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError) as exc:

@@ -54,7 +54,13 @@ from pixart_cli.training.recipe import (
     Recipe,
     TrainSection,
 )
-from pixart_cli.training.resume import Position, check_resume, resume_training, save_training_checkpoint
+from pixart_cli.training.resume import (
+    Position,
+    check_resume,
+    remove_shard_staging,
+    resume_training,
+    save_training_checkpoint,
+)
 from pixart_cli.training.setup import build_training_model
 from pixart_cli.training.sharding import describe_shards, make_fsdp_accelerator, shard_ema_like, state_io
 from pixart_cli.training.trackers import accelerator_kwargs, finish_trackers, start_trackers
@@ -223,6 +229,8 @@ def train(
         ensure_output_dir(output, resume)
         for path in remove_stale_temporaries(output / CHECKPOINTS):  # never picked up, but each is a full checkpoint
             logger.info("removed a half-written checkpoint left by an interrupted run: %s", path.name)
+        for path in remove_shard_staging(output):
+            logger.info("removed the shards of a half-written checkpoint left by an interrupted run: %s", path.name)
 
     model, description, base = build_training_model(recipe)
     logger.info("model: %s", description)
@@ -371,7 +379,7 @@ def train(
             if on_sample and recipe.log.sample_every and position.step % recipe.log.sample_every == 0:
                 averaged = io.ema(raw_model, ema) if io.sharded else None  # gathered by every process
                 if acc.is_main_process:
-                    on_sample(_ema_model(raw_model, ema, averaged), position.step)
+                    on_sample(_ema_model(raw_model, ema, averaged, acc.device), position.step)
                 acc.wait_for_everyone()
             if stopping and not at_end:
                 raise Interrupted(stop.signal or signal.SIGTERM, position.step, last)
@@ -429,13 +437,14 @@ def _check_replicas(acc: Any, model: nn.Module) -> None:
         raise PixartError(f"data-parallel processes hold different weights (checksums {gathered.tolist()})")
 
 
-def _ema_model(model: nn.Module, ema: EMA, state_dict: dict | None = None) -> nn.Module:
-    """A plain model with the EMA weights (an adapter's EMA folded into its base); ``state_dict``: the EMA's whole
-    state dict where it was gathered from shards."""
+def _ema_model(
+    model: nn.Module, ema: EMA, state_dict: dict | None = None, device: torch.device | None = None
+) -> nn.Module:
+    """A plain model with the EMA weights (an adapter's EMA folded into its base), on ``device`` (default: the
+    EMA's); ``state_dict``: the EMA's whole state dict where it was gathered from shards (onto the CPU)."""
     if any(".lora_" in name for name in ema.names):
         return merged_model(model, state_dict=ema.state_dict(model))
-    device = torch.device("cpu") if state_dict is not None else ema.params[0].device
-    copy = build_model(model.config).to(device)
+    copy = build_model(model.config).to(device or ema.params[0].device)
     copy.load_state_dict(state_dict if state_dict is not None else ema.state_dict(model), strict=True)
     return copy.eval()
 

@@ -9,6 +9,7 @@ same validation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -241,6 +242,9 @@ class OutputSection:
     dir: str = "outputs/run"
     save_every: int = 1000  # steps between checkpoints (one more at the end)
     keep_last: int = 3  # checkpoints kept (older ones are deleted after a newer one is complete)
+    # "full": whole weights and optimiser state gathered into one directory; "sharded" (cluster.strategy fsdp): each
+    # process writes the rows it holds, nothing gathered (pixart_cli/checkpoints/sharded.py). Both read everywhere.
+    checkpoint: Literal["full", "sharded"] = "full"
 
     def __post_init__(self) -> None:
         _positive(self, "save_every", "keep_last")
@@ -363,6 +367,8 @@ class Recipe:
             raise ValueError("data.captions: stage 1 trains on class labels, not captions")
         if self.adapter is not None and (self.model.architecture != "PixArt" or self.model.init is None):
             raise ValueError("adapter: an adapter fine-tunes a trained PixArt: set model.init to the base model")
+        if self.output.checkpoint == "sharded" and self.cluster.strategy != "fsdp":
+            raise ValueError("output.checkpoint: sharded checkpoints are written by cluster.strategy=fsdp")
         if self.cluster.strategy == "fsdp":
             if self.adapter is not None:
                 raise ValueError("cluster.strategy: fsdp shards full training; an adapter run is small, use ddp")
@@ -461,9 +467,27 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) and value.strip() == value != "" else json.dumps(value, default=str)
 
 
+# Keys earlier versions wrote into every resolved recipe, since replaced (log.tensorboard → log.trackers): dropped from
+# a checkpoint's recipe before it is compared, so those runs still resume.
+RETIRED_KEYS = ("log.tensorboard",)
+
+
+def _without_retired_keys(saved: dict) -> dict:
+    saved = copy.deepcopy(saved)
+    for dotted in RETIRED_KEYS:
+        *parents, leaf = dotted.split(".")
+        section = saved
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(leaf, None)
+    return saved
+
+
 def resume_changes(saved: dict, resolved: dict) -> tuple[list[str], list[str]]:
     """Differences between the resolved recipe a checkpoint was trained with and the one resuming it, as
     ``"key: old → new"``: (refused, allowed but noted). Other allowed differences are not listed."""
+    saved = _without_retired_keys(saved)
     with contextlib.suppress(ConfigError, TypeError, ValueError):  # fill in defaults the saved file may lack
         saved = to_dict(recipe_from_dict(saved))
     old, new = _flatten(saved), _flatten(resolved)

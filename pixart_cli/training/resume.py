@@ -32,6 +32,7 @@ from pixart_cli.checkpoints.format import (
     ADAPTER_EMA_FILE,
     ADAPTER_FILE,
     CHECKPOINTS,
+    CONFIG_FILE,
     EMA_FILE,
     MODEL_FILE,
     POSITION_FILE,
@@ -40,9 +41,19 @@ from pixart_cli.checkpoints.format import (
     CheckpointMeta,
     check_state_dict,
     checkpoint_dirs,
+    config_file,
     load_checkpoint,
     read_config,
     write_checkpoint_files,
+)
+from pixart_cli.checkpoints.sharded import (
+    is_sharded_dir,
+    optimizer_state,
+    read_layout,
+    read_sharded,
+    shard_name,
+    split,
+    write_layout,
 )
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_directory, load_torch_file
@@ -59,6 +70,7 @@ logger = logging.getLogger(__name__)
 
 
 RECIPE_FILE = "recipe.yaml"
+SHARD_STAGING = ".shards-"  # <checkpoints>/.shards-step-NNNNNNN/: a sharded checkpoint's shards while written
 
 
 @dataclass
@@ -155,9 +167,17 @@ def _check_files(checkpoint: Path) -> None:
     weights (the full load in :func:`_restore` catches what this cannot)."""
     adapter = (checkpoint / ADAPTER_CONFIG).is_file()
     weights, ema = (ADAPTER_FILE, ADAPTER_EMA_FILE) if adapter else (MODEL_FILE, EMA_FILE)
-    if not (checkpoint / ema).is_file():  # never restart the EMA from the raw weights unsaid
-        raise DamagedCheckpoint(f"{checkpoint / ema}: missing (a training checkpoint holds its EMA weights)")
-    for name in (weights, ema):
+    if is_sharded_dir(checkpoint):
+        try:
+            world = int(read_layout(checkpoint)["world_size"])
+        except (PixartError, KeyError, TypeError, ValueError) as exc:
+            raise DamagedCheckpoint(str(exc)) from None
+        files = [shard_name(rank, world) for rank in range(world)]
+    else:
+        if not (checkpoint / ema).is_file():  # never restart the EMA from the raw weights unsaid
+            raise DamagedCheckpoint(f"{checkpoint / ema}: missing (a training checkpoint holds its EMA weights)")
+        files = [weights, ema]
+    for name in files:
         try:
             with safe_open(str(checkpoint / name), "pt"):
                 pass  # opening validates the header against the file's length
@@ -207,24 +227,38 @@ def _restore(
     if adapter != (base is not None):
         held, trains = ("an adapter", "every weight") if adapter else ("every weight", "an adapter")
         raise PixartError(f"--resume: {checkpoint} holds {held}, and the recipe trains {trains}")
+    sharded = is_sharded_dir(checkpoint)
+    own_shard = False
     try:
         if adapter:
             _restore_adapter(checkpoint, model, ema, base)
-        else:
-            ckpt = load_checkpoint(checkpoint)
-            check_state_dict(ckpt.state_dict, model.config, str(checkpoint / MODEL_FILE))
+        elif sharded and io.sharded:
+            own_shard = io.read_own_shard(checkpoint, model, ema, optimizer)  # type: ignore[attr-defined]
         state = load_torch_file(checkpoint / STATE_FILE)
+        if sharded and not own_shard:  # resumed without sharding: the shards put together, read once
+            tensors = read_sharded(checkpoint)
+            if not set(ema.names) <= split(tensors, "ema").keys():
+                raise DamagedCheckpoint(f"{checkpoint}: the shards hold no EMA of the trained weights")
+            averaged = {**split(tensors, "model"), **split(tensors, "ema")}
+            ckpt = Checkpoint(model.config, split(tensors, "model"), averaged, CheckpointMeta())
+            state["optimizer"] = optimizer_state(tensors, read_layout(checkpoint)["param_groups"])
+            del tensors
+        elif not adapter and not own_shard:
+            ckpt = load_checkpoint(checkpoint)
+        if not adapter and not own_shard:
+            check_state_dict(ckpt.state_dict, model.config, str(checkpoint / MODEL_FILE))
     except DamagedCheckpoint:
         raise
     except PixartError as exc:
         if str(exc).startswith("--resume"):
             raise
         raise DamagedCheckpoint(str(exc)) from None
-    if not adapter:
+    if not adapter and not own_shard:
         io.load_model(model, ckpt.state_dict)
         ema.load(ckpt.ema_state_dict)
     try:
-        io.load_optimizer(model, optimizer, state["optimizer"])
+        if not own_shard:
+            io.load_optimizer(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except Exception as exc:  # a loadable file with the wrong contents: KeyError, ValueError, TypeError, ...
         raise DamagedCheckpoint(f"{checkpoint / STATE_FILE}: not this model's optimiser state ({exc!r:.200})") from None
@@ -324,6 +358,8 @@ def save_training_checkpoint(
     instead of the model's."""
     directory = output / CHECKPOINTS / f"step-{position.step:07d}"
     source = f"{recipe.name} step {position.step}"
+    if io.sharded and recipe.output.checkpoint == "sharded":
+        return _save_sharded(directory, recipe, resolved, model, ema, optimizer, scheduler, position, io, main)
     if not (main or io.sharded):
         return directory
     weights, averaged, optimizer_state = io.model(model), io.ema(model, ema), io.optimizer(model, optimizer)
@@ -342,3 +378,44 @@ def save_training_checkpoint(
     for _, old in checkpoint_dirs(output)[: -recipe.output.keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def _save_sharded(
+    directory: Path,
+    recipe: Recipe,
+    resolved: dict,
+    model: nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    position: Position,
+    io: Any,
+    main: bool,
+) -> Path:
+    """Every process writes its rows into a staging folder; the main process moves them into the checkpoint with
+    the layout, config and training state, atomically."""
+    staging = directory.with_name(f"{SHARD_STAGING}{directory.name}")
+    whole, groups = io.write_shards(staging, model, ema, optimizer)
+    if not main:
+        return directory
+    with atomic_directory(directory, overwrite=True) as tmp:
+        for shard in staging.iterdir():
+            shard.rename(tmp / shard.name)
+        write_layout(tmp, io.world, whole, groups)
+        meta = _meta(recipe, f"{recipe.name} step {position.step}")
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config_file(model.config, meta), sort_keys=False))
+        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        torch.save({"scheduler": scheduler.state_dict()}, tmp / STATE_FILE)
+        (tmp / POSITION_FILE).write_text(json.dumps(dataclasses.asdict(position)))
+    shutil.rmtree(staging, ignore_errors=True)
+    for _, old in checkpoint_dirs(directory.parent.parent)[: -recipe.output.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def remove_shard_staging(output: Path) -> list[Path]:
+    """Staging folders of sharded checkpoints a killed run left (never read: the checkpoint was not complete)."""
+    found = list((output / CHECKPOINTS).glob(f"{SHARD_STAGING}*")) if (output / CHECKPOINTS).is_dir() else []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found

@@ -14,11 +14,16 @@ FSDP trains exactly what DDP trains.
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
+from pixart_cli.checkpoints.sharded import local_tensors, read_layout, read_shard, shard_name, split, write_shard
+from pixart_cli.errors import PixartError
 from pixart_cli.training.ema import EMA
 
 
@@ -89,9 +94,84 @@ class PlainState:
 
 class ShardedState(PlainState):
     """Whole state dicts gathered from (and scattered back to) an FSDP2 model: collective calls, every process
-    takes part; the main process receives the tensors (on the CPU), the others empty dicts."""
+    takes part; the main process receives the tensors (on the CPU), the others empty dicts. Sharded checkpoints
+    (``output.checkpoint: sharded``) skip the gathering: each process writes and reads its own rows."""
 
     sharded = True
+
+    def __init__(self, acc: Any) -> None:
+        self.acc, self.rank, self.world = acc, acc.process_index, acc.num_processes
+
+    def agree(self, problem: str) -> None:
+        """Every process raises if any had a problem (one alone would leave the others waiting for it)."""
+        flag = torch.tensor([1.0 if problem else 0.0], device=self.acc.device)
+        if float(self.acc.reduce(flag, "sum")) > 0:
+            raise PixartError(problem or "another process of the run failed here (its own error says why)")
+
+    def write_shards(
+        self, staging: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer
+    ) -> tuple[dict[str, list[int]], list[dict]]:
+        """Write this process's shard into ``staging`` (every process; the main one makes the folder first, on a
+        file system all of them see); returns the layout and the optimiser's groups by name, for ``shards.json``."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        problem = ""
+        if self.rank == 0:
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            except OSError as exc:
+                problem = f"cannot write checkpoint shards to {staging} ({exc.strerror})"
+        self.agree(problem)
+        tensors, whole = local_tensors(model, ema, optimizer, self.rank)
+        try:
+            write_shard(staging, self.rank, self.world, tensors)
+        except (OSError, SafetensorError) as exc:
+            problem = (
+                f"process {self.rank} cannot write its checkpoint shard to {staging} ({exc})" if staging.is_dir()
+                else f"process {self.rank} does not see {staging}: sharded checkpoints need one shared file system"
+            )  # fmt: skip
+        self.agree(problem)
+        names = {p: n for n, p in model.named_parameters()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[p] for p in g["params"]]}
+                  for g in optimizer.param_groups]  # fmt: skip
+        return whole, groups
+
+    def read_own_shard(self, checkpoint: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> bool:
+        """Load this process's rows from a sharded checkpoint written by as many processes; False when it was
+        written by another number (the caller then reads the whole checkpoint and re-shards it)."""
+        layout = read_layout(checkpoint)
+        if layout["world_size"] != self.world:
+            return False
+        problem, tensors = "", {}
+        expected = {f"model.{k}": v for k, v in model.state_dict().items()}
+        expected.update({f"ema.{n}": v for n, v in zip(ema.names, ema.params, strict=True)})
+        try:
+            tensors = read_shard(checkpoint, self.rank, self.world)
+            for key, value in expected.items():
+                local = value.to_local() if hasattr(value, "to_local") else value
+                if key not in tensors or tensors[key].shape != local.shape:
+                    raise PixartError(f"{checkpoint / shard_name(self.rank, self.world)}: {key} missing or misshapen")
+        except PixartError as exc:
+            problem = str(exc)
+        self.agree(problem)  # a damaged shard sets the checkpoint aside on every process alike
+        sharded = layout["sharded"]
+        with torch.no_grad():
+            for key, value in model.state_dict().items():
+                (value.to_local() if hasattr(value, "to_local") else value).copy_(tensors[f"model.{key}"])
+            for name, value in zip(ema.names, ema.params, strict=True):
+                (value.to_local() if hasattr(value, "to_local") else value).copy_(tensors[f"ema.{name}"])
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        index = {name: i for i, (name, _) in enumerate(trained)}
+        state = {}
+        for i, (name, param) in enumerate(trained):
+            per_param = split(tensors, f"optim.{name}")
+            state[i] = {
+                key: _like(value, param) if f"optim.{name}.{key}" in sharded else value
+                for key, value in per_param.items()
+            }
+        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in layout["param_groups"]]
+        optimizer.load_state_dict({"state": {i: v for i, v in state.items() if v}, "param_groups": groups})
+        return True
 
     def model(self, model: nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -122,7 +202,17 @@ class ShardedState(PlainState):
 
 
 def state_io(acc: Any) -> PlainState:
-    return ShardedState() if is_sharded(acc) else PlainState()
+    return ShardedState(acc) if is_sharded(acc) else PlainState()
+
+
+def _like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A DTensor placed as ``param`` from this process's rows ``local``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local.to(param.device), param.device_mesh, param.placements, run_check=False, shape=param.shape,
+        stride=param.stride(),
+    )  # fmt: skip
 
 
 def shard_ema_like(ema: EMA, model: nn.Module) -> None:

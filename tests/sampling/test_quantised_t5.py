@@ -65,5 +65,5 @@ def test_a_cache_records_the_quantised_t5(tmp_path):
     manifest = tmp_path / "data" / "manifest.jsonl"
     prepare(manifest, tmp_path / "cache", settings, t5=t5, vae="none", t5_quant="int8")
     prepare(manifest, tmp_path / "plain", settings, t5=t5, vae="none")
-    assert json.loads((tmp_path / "cache" / INDEX).read_text())["t5_quantization"] == "int8"
-    assert "t5_quantization" not in json.loads((tmp_path / "plain" / INDEX).read_text())
+    assert json.loads((tmp_path / "cache" / INDEX).read_text())["settings"]["t5_quantization"] == "int8"
+    assert "t5_quantization" not in json.loads((tmp_path / "plain" / INDEX).read_text())["settings"]

@@ -860,6 +860,13 @@ def test_resume_changes_allow_length_saving_logging_and_precision_only():
     )
     old = {k: v for k, v in saved.items() if k != "log"}  # a recipe.yaml written before a section existed: defaults
     assert resume_changes(old, saved) == ([], [])
+    # Written before optim.name and log.trackers existed, with the retired log.tensorboard: still the same run.
+    older = {**saved, "log": {**saved["log"], "tensorboard": True}, "optim": dict(saved["optim"])}
+    del older["log"]["trackers"], older["log"]["wandb_mode"], older["optim"]["name"]
+    assert resume_changes(older, saved) == ([], [])
+    assert resume_changes(older, load_recipe(stage2, ["optim.name=adamw8bit"])[1])[0] == [
+        "optim.name: adamw → adamw8bit"
+    ]
 
 
 def test_resume_with_more_steps_follows_the_new_schedule_from_the_first_resumed_step(world, tmp_path):
