@@ -359,7 +359,20 @@ def save_training_checkpoint(
     directory = output / CHECKPOINTS / f"step-{position.step:07d}"
     source = f"{recipe.name} step {position.step}"
     if io.sharded and recipe.output.checkpoint == "sharded":
-        return _save_sharded(directory, recipe, resolved, model, ema, optimizer, scheduler, position, io, main)
+        # Every process writes its rows into a staging folder; the main one moves them into the checkpoint.
+        staging = directory.with_name(f"{SHARD_STAGING}{directory.name}")
+        whole, groups = io.write_shards(staging, model, ema, optimizer)  # type: ignore[attr-defined]
+        if main:
+            with atomic_directory(directory, overwrite=True) as tmp:
+                for shard in staging.iterdir():
+                    shard.rename(tmp / shard.name)
+                write_layout(tmp, io.world, whole, groups)  # type: ignore[attr-defined]
+                config = config_file(model.config, _meta(recipe, source))
+                (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+                _write_training_files(tmp, resolved, {"scheduler": scheduler.state_dict()}, position)
+            shutil.rmtree(staging, ignore_errors=True)
+            _prune(output, recipe.output.keep_last)
+        return directory
     if not (main or io.sharded):
         return directory
     weights, averaged, optimizer_state = io.model(model), io.ema(model, ema), io.optimizer(model, optimizer)
@@ -372,45 +385,22 @@ def save_training_checkpoint(
             write_adapter_files(Adapter(recipe.adapter, base, model.config, weights, averaged, source), tmp)
         else:
             write_checkpoint_files(Checkpoint(model.config, weights, averaged, _meta(recipe, source)), tmp)
-        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / STATE_FILE)
-        (tmp / POSITION_FILE).write_text(json.dumps(dataclasses.asdict(position)))
-    for _, old in checkpoint_dirs(output)[: -recipe.output.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
+        _write_training_files(tmp, resolved, state, position)
+    _prune(output, recipe.output.keep_last)
     return directory
 
 
-def _save_sharded(
-    directory: Path,
-    recipe: Recipe,
-    resolved: dict,
-    model: nn.Module,
-    ema: EMA,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    position: Position,
-    io: Any,
-    main: bool,
-) -> Path:
-    """Every process writes its rows into a staging folder; the main process moves them into the checkpoint with
-    the layout, config and training state, atomically."""
-    staging = directory.with_name(f"{SHARD_STAGING}{directory.name}")
-    whole, groups = io.write_shards(staging, model, ema, optimizer)
-    if not main:
-        return directory
-    with atomic_directory(directory, overwrite=True) as tmp:
-        for shard in staging.iterdir():
-            shard.rename(tmp / shard.name)
-        write_layout(tmp, io.world, whole, groups)
-        meta = _meta(recipe, f"{recipe.name} step {position.step}")
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config_file(model.config, meta), sort_keys=False))
-        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
-        torch.save({"scheduler": scheduler.state_dict()}, tmp / STATE_FILE)
-        (tmp / POSITION_FILE).write_text(json.dumps(dataclasses.asdict(position)))
-    shutil.rmtree(staging, ignore_errors=True)
-    for _, old in checkpoint_dirs(directory.parent.parent)[: -recipe.output.keep_last]:
+def _write_training_files(directory: Path, resolved: dict, state: dict, position: Position) -> None:
+    (directory / RECIPE_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    torch.save(state, directory / STATE_FILE)
+    (directory / POSITION_FILE).write_text(json.dumps(dataclasses.asdict(position)))
+
+
+def _prune(output: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (only ever after a newer one is complete)."""
+    for _, old in checkpoint_dirs(output)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return directory
 
 
 def remove_shard_staging(output: Path) -> list[Path]:
