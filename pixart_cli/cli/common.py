@@ -112,7 +112,10 @@ def fails_cleanly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except PixartError as exc:
-            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            from rich.markup import escape
+
+            # Escaped: a message quoting "pip install -e '.[lean]'" or a list must print as written, not as markup.
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")

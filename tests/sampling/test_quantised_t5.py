@@ -52,6 +52,7 @@ def test_without_bitsandbytes_the_quantised_t5_is_one_error(tmp_path, monkeypatc
     result = runner.invoke(app, ["sample", "a red circle", "-n", "1", "-o", str(out), "--t5-quant", "nf4"])
     assert result.exit_code == 2 and result.output.startswith("error:"), result.output
     assert "--t5-quant nf4 needs the bitsandbytes package" in result.output and "Traceback" not in result.output
+    assert "pip install -e '.[lean]'" in result.output  # printed as written, not read as markup
     assert not any(out.glob("*.png"))
 
 
