@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import pixart_cli
-from pixart_cli.checkpoints.sharded import is_sharded_dir, read_sharded, split
+from pixart_cli.checkpoints.sharded import is_sharded_dir, read_sharded_weights
 from pixart_cli.components.resolve import resolve_builtin
 from pixart_cli.config import ConfigError, from_dict, to_dict
 from pixart_cli.errors import PixartError
@@ -253,10 +253,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         raise PixartError(f"{directory}: not a pixart checkpoint (needs {CONFIG_FILE} and {MODEL_FILE})")
     config, meta = read_config(directory)
     if is_sharded_dir(directory):  # an FSDP run's checkpoint: its shards, put together
-        tensors = read_sharded(directory, ("model.", "ema."))
-        state_dict, averaged = split(tensors, "model"), split(tensors, "ema")
-        if not averaged or not averaged.keys() <= state_dict.keys():
-            raise PixartError(f"{directory}: the shards hold no EMA of the model's weights")
+        state_dict, averaged = read_sharded_weights(directory)
         ema = {**state_dict, **averaged}  # the EMA of the trained weights; buffers are the model's
         check_state_dict(state_dict, config, f"{directory} (model shards)")
         check_state_dict(ema, config, f"{directory} (EMA shards)")

@@ -133,6 +133,16 @@ def read_sharded(directory: str | Path, prefixes: tuple[str, ...] | None = None)
     return out
 
 
+def read_sharded_weights(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the model's state dict, the EMA of its trained weights) of a sharded checkpoint, whole; a PixartError when
+    the shards hold no EMA (it is never restarted from the raw weights unsaid)."""
+    tensors = read_sharded(directory, ("model.", "ema."))
+    state_dict, averaged = split(tensors, "model"), split(tensors, "ema")
+    if not averaged or not averaged.keys() <= state_dict.keys():
+        raise PixartError(f"{directory}: the shards hold no EMA of the model's weights")
+    return state_dict, averaged
+
+
 def split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The tensors under ``prefix.`` with the prefix taken off."""
     return {key[len(prefix) + 1 :]: value for key, value in tensors.items() if key.startswith(prefix + ".")}

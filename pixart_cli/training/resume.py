@@ -51,8 +51,8 @@ from pixart_cli.checkpoints.sharded import (
     optimizer_state,
     read_layout,
     read_sharded,
+    read_sharded_weights,
     shard_name,
-    split,
     write_layout,
 )
 from pixart_cli.errors import PixartError
@@ -169,8 +169,8 @@ def _check_files(checkpoint: Path) -> None:
     weights, ema = (ADAPTER_FILE, ADAPTER_EMA_FILE) if adapter else (MODEL_FILE, EMA_FILE)
     if is_sharded_dir(checkpoint):
         try:
-            world = int(read_layout(checkpoint)["world_size"])
-        except (PixartError, KeyError, TypeError, ValueError) as exc:
+            world = read_layout(checkpoint)["world_size"]  # checked there: an int ≥ 1
+        except PixartError as exc:
             raise DamagedCheckpoint(str(exc)) from None
         files = [shard_name(rank, world) for rank in range(world)]
     else:
@@ -235,14 +235,13 @@ def _restore(
         elif sharded and io.sharded:
             own_shard = io.read_own_shard(checkpoint, model, ema, optimizer)  # type: ignore[attr-defined]
         state = load_torch_file(checkpoint / STATE_FILE)
-        if sharded and not own_shard:  # resumed without sharding: the shards put together, read once
-            tensors = read_sharded(checkpoint)
-            if not set(ema.names) <= split(tensors, "ema").keys():
+        if sharded and not own_shard:  # resumed without sharding: the shards put together
+            state_dict, averaged = read_sharded_weights(checkpoint)
+            if not set(ema.names) <= averaged.keys():
                 raise DamagedCheckpoint(f"{checkpoint}: the shards hold no EMA of the trained weights")
-            averaged = {**split(tensors, "model"), **split(tensors, "ema")}
-            ckpt = Checkpoint(model.config, split(tensors, "model"), averaged, CheckpointMeta())
-            state["optimizer"] = optimizer_state(tensors, read_layout(checkpoint)["param_groups"])
-            del tensors
+            ckpt = Checkpoint(model.config, state_dict, {**state_dict, **averaged}, CheckpointMeta())
+            moments = read_sharded(checkpoint, ("optim.",))
+            state["optimizer"] = optimizer_state(moments, read_layout(checkpoint)["param_groups"])
         elif not adapter and not own_shard:
             ckpt = load_checkpoint(checkpoint)
         if not adapter and not own_shard:

@@ -3,7 +3,8 @@
 Each transformer block (``PixArtBlock`` / ``DiTBlock``) is one ``fully_shard`` unit, so a process holds 1/N of
 the weights, gradients, optimiser moments and EMA, and gathers one block's weights at a time. Checkpoints are
 gathered into the ordinary directory (``model.safetensors``, ``ema.safetensors``, the optimiser state keyed by
-parameter name): ``pixart sample`` reads them as any other, and a run may resume under either strategy.
+parameter name), or with ``output.checkpoint: sharded`` written by each process as its own shard
+(``checkpoints.sharded``); either is read as any checkpoint, and a run may resume under either strategy.
 
 accelerate turns FSDP on only for accelerators: a multi-process CPU launch (gloo) gets DDP with no word said
 (accelerate/state.py sets ``DistributedType.FSDP`` for MULTI_GPU-like types only). FSDP2 itself runs on gloo, so
