@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,12 @@ import torch
 # process 0, the last shard of another process), which can be long; a process that dies is stopped by the
 # launcher (torchrun ends the others when one fails), so this is only the backstop for a launcher that does not.
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
+
+# gloo's worker threads (torch 2.13) release each finished collective after its caller has woken, and the release
+# takes the GIL. A process that exits in that moment aborts ("terminate called without an active exception": 4 of 40
+# four-process CPU launches on two cores), and one that destroys its group then, the GIL held, waits forever. A
+# pause without the GIL before leaving lets the threads finish: 0 of 40 (experiments/2026-12-07-gloo-teardown).
+GLOO_DRAIN_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -54,5 +61,17 @@ class Dist:
 
     def close(self) -> None:
         """Leave the process group (a group left open aborts the interpreter at exit)."""
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if self.world > 1:
+            leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy this process's default process group, if it has one, once its communication threads are idle.
+
+    Every multi-process command ends here: the library at the end of its work (after a last barrier), the CLI on
+    any other way out (an error, a signal), so no launch aborts or hangs on its way out.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    time.sleep(GLOO_DRAIN_SECONDS)
+    torch.distributed.destroy_process_group()

@@ -102,12 +102,13 @@ def make_tiny_vae(
     *,
     block_out_channels: tuple[int, ...] = (32, 32, 64, 64),
     latent_channels: int = 4,
+    scaling_factor: float = 0.18215,
     seed: int = 0,
 ) -> Path:
     """A random ``AutoencoderKL`` saved with ``save_pretrained``.
 
     Four levels give the SD VAE's 8× downsampling, so sizes and latent shapes match the real pipeline's; the
-    scaling factor is SD's 0.18215.
+    scaling factor is SD's 0.18215 by default (the SDXL VAE of PixArt-Σ: 0.13025).
     """
     from diffusers import AutoencoderKL  # lazy: diffusers adds ~5 s to start-up (docs/reference.md §8)
 
@@ -122,6 +123,7 @@ def make_tiny_vae(
             latent_channels=latent_channels,
             norm_num_groups=min(32, *block_out_channels),
             sample_size=64,
+            scaling_factor=scaling_factor,
         )
     vae.save_pretrained(str(directory), safe_serialization=True)
     return Path(directory)

@@ -7,7 +7,8 @@ by name. Formats:
 * ``official``: a ``.pth`` holding ``{"state_dict": ..., "state_dict_ema"?: ...}`` (or a bare state dict), keys as
   in the official repository, including the stored ``pos_embed`` buffer.
 * ``diffusers``: a ``PixArtTransformer2DModel`` directory (with the ``scheduler_config.json`` that samples it:
-  its prediction type), or a ``PixArtAlphaPipeline`` directory (its ``transformer/`` and ``scheduler/``).
+  its prediction type), or a ``PixArtAlphaPipeline``/``PixArtSigmaPipeline`` directory (its ``transformer/`` and
+  ``scheduler/``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pixart_cli.components.autoencoders import load_vae
 from pixart_cli.components.t5 import load_t5
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_directory, atomic_file, load_torch_file
-from pixart_cli.models import PixArtConfig, heads_for_width
+from pixart_cli.models import KVCompress, PixArtConfig, heads_for_width
 from pixart_cli.models.layers import PREDICTION_TYPES, sincos_pos_embed_2d
 
 SourceFormat = Literal["pixart", "official", "diffusers-transformer", "diffusers-pipeline", "dit"]
@@ -227,7 +228,21 @@ def _official_config(state_dict: StateDict, num_heads: int | None, what: str) ->
         max_length=max_length,
         interpolation_scale=scale,
         multi_scale="csize_embedder.mlp.0.weight" in state_dict,
+        kv_compress=_official_kv_compress(state_dict),
     )
+
+
+def _official_kv_compress(state_dict: StateDict) -> KVCompress | None:
+    """PixArt-Σ's conv KV compression, read from its layers' ``attn.sr`` weights. The weightless samplings (ave,
+    uniform) leave no trace in a checkpoint: a recipe states them (``model.config.kv_compress``)."""
+    pattern = re.compile(r"blocks\.(\d+)\.attn\.sr\.weight$")
+    layers = sorted(int(m.group(1)) for k in state_dict if (m := pattern.match(k)))
+    if not layers:
+        return None
+    factors = {state_dict[f"blocks.{i}.attn.sr.weight"].shape[-1] for i in layers}
+    if len(factors) != 1:
+        raise ValueError(f"KV-compression layers with different factors {sorted(factors)}")
+    return KVCompress(tuple(layers), "conv", factors.pop())
 
 
 def expected_pos_embed(config: PixArtConfig) -> torch.Tensor:
@@ -270,6 +285,12 @@ def ours_to_official(state_dict: StateDict, config: PixArtConfig) -> StateDict:
 def diffusers_transformer_config(config: PixArtConfig) -> dict:
     """The ``PixArtTransformer2DModel`` constructor arguments for a PixArt config."""
     check_adaln_single(config, "diffusers' PixArtTransformer2DModel")
+    if config.kv_compress is not None:
+        kv = config.kv_compress
+        raise PixartError(
+            f"diffusers' PixArtTransformer2DModel has no KV compression (this model compresses keys and values "
+            f"{kv.scale_factor}x by {kv.sampling} in layers {_span(kv.layers)}); convert to pixart or official"
+        )
     if config.mlp_ratio != 4.0:
         raise PixartError(f"diffusers' PixArtTransformer2DModel only supports mlp_ratio 4, not {config.mlp_ratio}")
     scale = config.interpolation_scale
@@ -292,6 +313,13 @@ def diffusers_transformer_config(config: PixArtConfig) -> dict:
         "interpolation_scale": int(scale) if scale == int(scale) else scale,
         "use_additional_conditions": config.multi_scale,
     }
+
+
+def _span(layers: tuple[int, ...]) -> str:
+    """14–27 for a contiguous run of layers, else the list."""
+    if list(layers) == list(range(min(layers), max(layers) + 1)) and len(layers) > 2:
+        return f"{min(layers)}-{max(layers)}"
+    return ", ".join(map(str, layers))
 
 
 def config_from_diffusers(cfg: dict, max_length: int = 120, what: str = "diffusers config") -> PixArtConfig:
@@ -402,9 +430,25 @@ def _read_diffusers_weights(directory: Path) -> StateDict:
     raise PixartError(f"{directory}: no diffusers weights ({' or '.join(_DIFFUSERS_WEIGHTS)})")
 
 
-def read_diffusers(path: str | Path, max_length: int = 120) -> Checkpoint:
+# Caption tokens each diffusers pipeline encodes by default (its __call__'s max_sequence_length).
+PIPELINE_MAX_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+
+
+def _pipeline_class(path: Path) -> str | None:
+    """``_class_name`` of a pipeline's model_index.json (None: not a pipeline, or unreadable)."""
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return index.get("_class_name") if isinstance(index, dict) else None
+
+
+def read_diffusers(path: str | Path, max_length: int | None = None) -> Checkpoint:
+    """A transformer or pipeline directory; ``max_length`` (which diffusers does not record) defaults to the
+    pipeline's own (300 for ``PixArtSigmaPipeline``, else 120)."""
     path = Path(path)
     directory = path / "transformer" if (path / "model_index.json").is_file() else path
+    max_length = max_length or PIPELINE_MAX_LENGTH.get(_pipeline_class(path) or "", 120)
     try:
         cfg = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
@@ -442,7 +486,7 @@ def _scheduler_prediction_type(path: Path) -> str:
 
 
 def read_any(
-    path: str | Path, num_heads: int | None = None, max_length: int = 120, fmt: SourceFormat | None = None
+    path: str | Path, num_heads: int | None = None, max_length: int | None = None, fmt: SourceFormat | None = None
 ) -> Checkpoint:
     """Read a PixArt checkpoint in any supported format (``fmt``, or detected from the files)."""
     path = latest_in_run(path)
@@ -515,7 +559,7 @@ def write_diffusers(
     vae: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """A ``PixArtTransformer2DModel`` directory, or with ``t5`` and ``vae`` a full ``PixArtAlphaPipeline``.
+    """A ``PixArtTransformer2DModel`` directory, or with ``t5`` and ``vae`` a full pipeline (``pipeline_class_for``).
 
     The transformer alone does not know what it predicts (ε or v); diffusers' schedulers do (``prediction_type``).
     A transformer directory therefore also holds ``scheduler_config.json``, the DPM-Solver config that samples the
@@ -535,15 +579,26 @@ def write_diffusers(
             transformer.save_pretrained(tmp, safe_serialization=True)
             scheduler.save_config(tmp)
         return Path(dst)
-    from diffusers import PixArtAlphaPipeline  # lazy: diffusers adds ~5 s to start-up (docs/reference.md §8)
+    import diffusers  # lazy: diffusers adds ~5 s to start-up (docs/reference.md §8)
 
+    pipeline_class = getattr(diffusers, pipeline_class_for(checkpoint.config))
     tokenizer, text_encoder = load_t5(t5)
-    pipeline = PixArtAlphaPipeline(
+    pipeline = pipeline_class(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=load_vae(vae), transformer=transformer, scheduler=scheduler
     )
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
     return Path(dst)
+
+
+def pipeline_class_for(config: PixArtConfig) -> str:
+    """The diffusers pipeline a model is written as: PixArt-Σ's for captions longer than PixArt-α's 120 tokens
+    (its default max_sequence_length is 300), PixArt-α's otherwise."""
+    return (
+        "PixArtSigmaPipeline"
+        if config.max_length > PIPELINE_MAX_LENGTH["PixArtAlphaPipeline"]
+        else "PixArtAlphaPipeline"
+    )
 
 
 # The training noise schedule (IDDPM: 1000 linear betas 1e-4..0.02) with the public checkpoints' sampler.
@@ -578,7 +633,7 @@ def convert(
     t5: str | None = None,
     vae: str | None = None,
     num_heads: int | None = None,
-    max_length: int = 120,
+    max_length: int | None = None,
     overwrite: bool = False,
     transform: Callable[[Checkpoint], Checkpoint] | None = None,
 ) -> ConvertReport:

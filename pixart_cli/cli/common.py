@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
@@ -133,6 +134,11 @@ def fails_cleanly(func: F) -> F:
                 soft_wrap=True,
             )
             raise typer.Exit(2) from None
+        finally:
+            if "torch.distributed" in sys.modules:  # however a launched process ends, it leaves its group cleanly
+                from pixart_cli.distributed import leave_process_group
+
+                leave_process_group()
 
     return wrapper  # type: ignore[return-value]
 

@@ -39,8 +39,13 @@ def convert(
         int | None, typer.Option("--num-heads", help="Attention heads, for widths outside the DiT family.")
     ] = None,
     max_length: Annotated[
-        int, typer.Option("--max-length", help="Caption tokens, for diffusers sources (they do not record it).")
-    ] = 120,
+        int | None,
+        typer.Option(
+            "--max-length",
+            help="Caption tokens, for diffusers sources (they do not record it). Default: 300 for a "
+            "PixArtSigmaPipeline, else 120.",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     merge_lora: Annotated[
         list[str] | None,

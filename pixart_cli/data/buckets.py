@@ -3,7 +3,7 @@
 Multi-scale training (PixArt's 1024-px ``PixArtMS`` recipe) resizes each image to the bucket whose aspect ratio
 (height / width) is nearest to its own; a batch must hold one bucket so that its latents stack. Sampling a
 multi-scale model snaps the requested size the same way, to the same table (``make_bucket_table``: one rule for
-both). The official tables for 256/512/1024 px are diffusers' ``ASPECT_RATIO_{256,512,1024}_BIN``; other base sizes
+both). The official tables for 256/512/1024/2048 px are diffusers' ``ASPECT_RATIO_{256,...,2048}_BIN``; other base sizes
 (e.g. 32 or 64 px for miniature experiments) are the 1024 table scaled down and rounded to a multiple the model can
 take (VAE downsampling × patch size).
 """
@@ -38,7 +38,18 @@ ASPECT_RATIO_1024: BucketTable = {
     "1.67": (1280, 768), "1.75": (1344, 768), "2.0": (1408, 704), "2.09": (1472, 704), "2.4": (1536, 640),
     "2.5": (1600, 640), "3.0": (1728, 576), "4.0": (2048, 512),
 }  # fmt: skip
-OFFICIAL_BASES = (256, 512, 1024)
+# PixArt-Σ's 2K table (diffusers' ASPECT_RATIO_2048_BIN): not the 1024 table doubled — seven more ratios.
+ASPECT_RATIO_2048: BucketTable = {
+    "0.25": (1024, 4096), "0.26": (1024, 3968), "0.27": (1024, 3840), "0.28": (1024, 3712), "0.32": (1152, 3584),
+    "0.33": (1152, 3456), "0.35": (1152, 3328), "0.4": (1280, 3200), "0.42": (1280, 3072), "0.48": (1408, 2944),
+    "0.5": (1408, 2816), "0.52": (1408, 2688), "0.57": (1536, 2688), "0.6": (1536, 2560), "0.68": (1664, 2432),
+    "0.72": (1664, 2304), "0.78": (1792, 2304), "0.82": (1792, 2176), "0.88": (1920, 2176), "0.94": (1920, 2048),
+    "1.0": (2048, 2048), "1.07": (2048, 1920), "1.13": (2176, 1920), "1.21": (2176, 1792), "1.29": (2304, 1792),
+    "1.38": (2304, 1664), "1.46": (2432, 1664), "1.67": (2560, 1536), "1.75": (2688, 1536), "2.0": (2816, 1408),
+    "2.09": (2944, 1408), "2.4": (3072, 1280), "2.5": (3200, 1280), "2.89": (3328, 1152), "3.0": (3456, 1152),
+    "3.11": (3584, 1152), "3.62": (3712, 1024), "3.75": (3840, 1024), "3.88": (3968, 1024), "4.0": (4096, 1024),
+}  # fmt: skip
+OFFICIAL_BASES = (256, 512, 1024, 2048)
 
 
 def _scaled(base: int, multiple: int) -> list[tuple[int, int]]:
@@ -51,13 +62,15 @@ def _scaled(base: int, multiple: int) -> list[tuple[int, int]]:
 
 
 def official_bucket_table(base: int) -> BucketTable:
-    """The official PixArt table for 256, 512 or 1024 px (diffusers' ``ASPECT_RATIO_{base}_BIN``, as ints).
+    """The official PixArt table for 256, 512, 1024 or 2048 px (diffusers' ``ASPECT_RATIO_{base}_BIN``, as ints).
 
     The 256 and 512 tables are exactly the 1024 table scaled by ``base / 1024`` and rounded to 16 px, under the
-    same nominal ratios; tests check all three against diffusers.
+    same nominal ratios; 2048 is PixArt-Σ's own. Tests check all four against diffusers.
     """
     if base not in OFFICIAL_BASES:
-        raise ValueError(f"no official bucket table for {base} px (there are tables for 256, 512 and 1024)")
+        raise ValueError(f"no official bucket table for {base} px (there are tables for 256, 512, 1024 and 2048)")
+    if base == 2048:
+        return dict(ASPECT_RATIO_2048)
     return dict(zip(ASPECT_RATIO_1024, _scaled(base, 16), strict=True))
 
 

@@ -80,6 +80,8 @@ def accelerate_shard() -> Shard:
     import torch  # lazy: only where this module samples (scoring a finished run needs no torch)
     from accelerate import PartialState  # lazy: accelerate adds ~1 s to start-up (docs/reference.md §8)
 
+    from pixart_cli.distributed import leave_process_group
+
     # cpu=True where there is no GPU: otherwise accelerate treats a CPU multi-process launch as a single process.
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes == 1:
@@ -87,7 +89,7 @@ def accelerate_shard() -> Shard:
 
     def wait() -> None:
         state.wait_for_everyone()
-        state.destroy_process_group()
+        leave_process_group()
 
     return Shard(state.process_index, state.num_processes, wait)
 

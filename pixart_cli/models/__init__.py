@@ -1,4 +1,4 @@
-"""Model definitions: PixArt-α (``pixart.py``) and DiT (``dit.py``)."""
+"""Model definitions: PixArt-α (``pixart.py``), PixArt-Σ's KV compression (``pixart_sigma.py``) and DiT (``dit.py``)."""
 
 from pixart_cli.models.dit import DIT_VARIANTS, DiT, DiTConfig, dit_config
 from pixart_cli.models.pixart import (
@@ -10,12 +10,14 @@ from pixart_cli.models.pixart import (
     heads_for_width,
     pixart_config,
 )
+from pixart_cli.models.pixart_sigma import KVCompress
 
 __all__ = [
     "DIT_VARIANTS",
     "PIXART_VARIANTS",
     "DiT",
     "DiTConfig",
+    "KVCompress",
     "PixArt",
     "PixArtConfig",
     "PixArtMS",

@@ -1,5 +1,8 @@
 """PixArt-α (arXiv 2310.00426): DiT with cross-attention to T5 caption features and adaLN-single.
 
+PixArt-Σ (arXiv 2403.04692) is this transformer configured for 300-token captions, with optional key/value
+compression in some layers (``kv_compress``, ``pixart_sigma.py``).
+
 State-dict keys follow the official repository exactly (``x_embedder``, ``t_embedder``, ``t_block``,
 ``y_embedder``, ``blocks.i.{attn,cross_attn,mlp,scale_shift_table}``, ``final_layer``), so official checkpoints
 load strictly. Two differences from the official module, both invisible in the weights:
@@ -42,6 +45,7 @@ from pixart_cli.models.layers import (
     timestep_embedding,
     unpatchify,
 )
+from pixart_cli.models.pixart_sigma import KVCompress, KVCompressAttention
 
 #################################################################################
 #                                  Config                                       #
@@ -76,6 +80,8 @@ class PixArtConfig:
     # per-block adaLN MLP in every block instead — the paper's baseline, for ablations only (no official or
     # diffusers equivalent).
     adaln: AdaLNKind = "single"
+    # PixArt-Σ's key/value token compression in some self-attention layers (pixart_sigma.py); None: none.
+    kv_compress: KVCompress | None = None
     variant: str | None = None  # informational name, e.g. "PixArt-XL/2"
 
     def __post_init__(self) -> None:
@@ -86,6 +92,12 @@ class PixArtConfig:
             raise ValueError("mlp_ratio and interpolation_scale must be positive")
         if self.adaln not in ADALN_KINDS:
             raise ValueError(f"adaln must be one of {ADALN_KINDS}, got {self.adaln!r}")
+        if self.kv_compress is not None:
+            self.kv_compress.check_depth(self.depth)
+
+    def compresses(self, layer: int) -> bool:
+        """Whether self-attention layer ``layer`` compresses its keys and values (PixArt-Σ)."""
+        return self.kv_compress is not None and layer in self.kv_compress.layers
 
     @property
     def out_channels(self) -> int:
@@ -187,10 +199,20 @@ class PixArtBlock(nn.Module):
     per-block MLP (``adaLN_modulation``) instead of adding its table to the shared ``t_block`` output.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int, adaln: AdaLNKind = "single") -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_hidden: int,
+        adaln: AdaLNKind = "single",
+        kv_compress: KVCompress | None = None,
+    ) -> None:
         super().__init__()
         self.norm1 = layer_norm(hidden_size)
-        self.attn = SelfAttention(hidden_size, num_heads)
+        if kv_compress is None:
+            self.attn = SelfAttention(hidden_size, num_heads)
+        else:
+            self.attn = KVCompressAttention(hidden_size, num_heads, kv_compress.sampling, kv_compress.scale_factor)
         self.cross_attn = CrossAttention(hidden_size, num_heads)
         self.norm2 = layer_norm(hidden_size)
         self.mlp = Mlp(hidden_size, mlp_hidden, hidden_size)
@@ -205,11 +227,19 @@ class PixArtBlock(nn.Module):
             return self.adaLN_modulation(t0).reshape(t0.shape[0], 6, -1)
         return self.scale_shift_table[None] + t0.reshape(t0.shape[0], 6, -1)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        t0: torch.Tensor,
+        mask: torch.Tensor | None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """``t0``: the shared ``t_block`` output (B, 6·hidden), or the conditioning vector (B, hidden) for
-        per-block adaLN."""
+        per-block adaLN. ``grid``: the patch grid (h, w), which KV compression reduces."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t0).chunk(6, dim=1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        x = x + gate_msa * (self.attn(h, grid) if isinstance(self.attn, KVCompressAttention) else self.attn(h))
         x = x + self.cross_attn(x, y, mask)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -242,7 +272,12 @@ class PixArt(nn.Module):
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 6 * c.hidden_size))
         self.y_embedder = CaptionEmbedder(c.caption_channels, c.hidden_size, c.max_length)
         self.blocks = nn.ModuleList(
-            [PixArtBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.adaln) for _ in range(c.depth)]
+            [
+                PixArtBlock(
+                    c.hidden_size, c.num_heads, c.mlp_hidden, c.adaln, c.kv_compress if c.compresses(i) else None
+                )
+                for i in range(c.depth)
+            ]
         )
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
@@ -336,9 +371,9 @@ class PixArt(nn.Module):
             mask = (mask | ~mask.any(dim=1, keepdim=True))[:, None, None, :]
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, y, t0, mask, use_reentrant=False)
+                x = checkpoint(block, x, y, t0, mask, (gh, gw), use_reentrant=False)
             else:
-                x = block(x, y, t0, mask)
+                x = block(x, y, t0, mask, (gh, gw))
         x = self.final_layer(x, t)
         return unpatchify(x, self.config.out_channels, p, gh, gw)
 

@@ -43,6 +43,7 @@ from pixart_cli.checkpoints.format import (
 )
 from pixart_cli.data.loader import step_generator
 from pixart_cli.diffusion import GaussianDiffusion
+from pixart_cli.distributed import leave_process_group
 from pixart_cli.errors import PixartError
 from pixart_cli.io import remove_stale_temporaries
 from pixart_cli.precision import PrecisionChoice, choose_precision
@@ -397,7 +398,7 @@ def train(
             title=recipe.name,
         )
     acc.wait_for_everyone()
-    acc.end_training()
+    leave_process_group()  # not accelerate's end_training: it tears gloo down while its threads still run
     return TrainResult(last, position.step, last_logged, metrics_path, already_done=already_done)
 
 

@@ -86,11 +86,14 @@ def count_parameters(recipe: Recipe) -> tuple[int, int]:
     """(all, trainable) parameters, counted on the meta device at depths 1 and 2 (the blocks are identical): no time
     or memory for any depth, and a clear error for sizes no tensor can have."""
     config = recipe.model_config()
+    kv = getattr(config, "kv_compress", None)
+    # KV compression makes some blocks larger: counted alone (a depthwise conv and a norm where it has weights).
+    extra = len(kv.layers) * config.hidden_size * (kv.scale_factor**2 + 3) if kv and kv.sampling == "conv" else 0
     counts = []
     for depth in (1, 2):
         try:
             with torch.device("meta"):
-                model = build_model(dataclasses.replace(config, depth=depth))
+                model = build_model(dataclasses.replace(config, depth=depth, **({"kv_compress": None} if kv else {})))
         except (RuntimeError, TypeError, ValueError, OverflowError) as exc:  # e.g. a width whose matrices overflow
             detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise PixartError(f"model.config: cannot build this model ({detail})") from None
@@ -100,7 +103,11 @@ def count_parameters(recipe: Recipe) -> tuple[int, int]:
         params = list(model.parameters())
         counts.append((sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
     (one, one_trainable), (two, two_trainable) = counts
-    return one + (config.depth - 1) * (two - one), one_trainable + (config.depth - 1) * (two_trainable - one_trainable)
+    every, trainable = (
+        one + (config.depth - 1) * (two - one),
+        one_trainable + (config.depth - 1) * (two_trainable - one_trainable),
+    )
+    return every + extra, trainable + (extra if recipe.adapter is None else 0)
 
 
 def memory_estimate(
@@ -208,7 +215,7 @@ def missing_inputs(recipe: Recipe, recipe_path: str) -> tuple[str, ...]:
     data = recipe.data
     init = recipe.model.init
     if init is not None and not init.startswith("builtin:") and not Path(latest_in_run(init)).exists():
-        previous = f" (the output of stage {recipe.stage - 1}?)" if recipe.stage > 1 else ""
+        previous = " (a previous stage's run?)" if recipe.stage > 1 else ""
         out.append(f"model.init: {init} does not exist{previous}")
     cache_ready = data.cache is not None and Path(data.cache).is_dir()
     if data.path is not None and not _exists(data.path) and not cache_ready:

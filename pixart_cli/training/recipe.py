@@ -54,6 +54,9 @@ class ModelSection:
     # or "xavier" (uniform, scaled by width): faster text alignment with a narrow text encoder (ShapesWorld:
     # experiments/shapesworld/LOG.md). Ignored when the projection comes from a PixArt checkpoint.
     caption_init: Literal["official", "xavier"] = "official"
+    # Start from a model that reads another caption length (PixArt-α's 120 tokens → PixArt-Σ's 300): its null
+    # caption is rebuilt as T5("") over the new length, as PixArt-Σ's code does. Off: such an init is an error.
+    rebuild_null_caption: bool = False
 
     def variants(self) -> dict[str, PixArtConfig | DiTConfig]:
         """The named variants of this architecture."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,47 @@ logger = logging.getLogger(__name__)
 
 # Keys a stage may add to what it starts from; anything else missing from `model.init` is an error.
 NEW_IN_MULTI_SCALE = ("csize_embedder.", "ar_embedder.")
+# PixArt-Σ's conv KV compression, added to a model that had none: starts as the window average (official init).
+_NEW_KV_COMPRESSION = re.compile(r"blocks\.(\d+)\.attn\.(sr|norm)\.")
+NULL_CAPTION = "y_embedder.y_embedding"
+
+
+def may_start_fresh(key: str, config: PixArtConfig) -> bool:
+    """Whether a stage may initialise ``key`` fresh: size embedders of a model turning multi-scale, compression
+    layers of a model gaining KV compression (PixArt-Σ's weak-to-strong step)."""
+    if config.multi_scale and key.startswith(NEW_IN_MULTI_SCALE):
+        return True
+    match = _NEW_KV_COMPRESSION.match(key)
+    return match is not None and config.compresses(int(match.group(1)))
+
+
+def fit_null_caption(weights: dict, config: PixArtConfig, recipe: Recipe, init: str) -> tuple[dict, str]:
+    """Weights whose null caption has the recipe's caption length, and what was done (empty: nothing).
+
+    The null caption (``y_embedding``, the unconditional input) has one row per caption token. Moving to another
+    length (PixArt-α's 120 → PixArt-Σ's 300) needs a new one: as PixArt-Σ's code does on every load
+    (``diffusion/utils/checkpoint.py``), T5("") padded to the new length, through ``data.text_encoder``.
+    """
+    null = weights.get(NULL_CAPTION)
+    if null is None or null.shape[0] == config.max_length:
+        return weights, ""
+    rows = null.shape[0]
+    if not recipe.model.rebuild_null_caption:
+        raise PixartError(
+            f"model.init: {init} reads {rows}-token captions, the recipe's model {config.max_length} "
+            f"(model.config.max_length); set model.rebuild_null_caption: true to start from it with the null caption "
+            f'rebuilt as T5("") over {config.max_length} tokens, as PixArt-Σ\'s code does'
+        )
+    from pixart_cli.components.text import TextEncoder  # lazy: loads transformers
+
+    rebuilt = TextEncoder(recipe.data.text_encoder, max_length=config.max_length).encode([""]).embeddings[0]
+    if rebuilt.shape != (config.max_length, null.shape[1]):
+        raise PixartError(
+            f"model.rebuild_null_caption: data.text_encoder gives {rebuilt.shape[1]}-wide features, the model "
+            f"takes {null.shape[1]}"
+        )
+    done = f'; null caption rebuilt as T5("") over {config.max_length} tokens (it had {rows})'
+    return {**weights, NULL_CAPTION: rebuilt.detach().to("cpu", null.dtype)}, done
 
 
 class InitialWeights(NamedTuple):
@@ -82,9 +124,11 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> Initial
         if not same_component(read, recipe.data.text_encoder):  # allowed (a switch of encoder), never unsaid
             source += f"; it learned to read {read}'s features and now reads {recipe.data.text_encoder}'s"
         prediction_type = checkpoint.config.prediction_type
+        weights, rebuilt = fit_null_caption(weights, config, recipe, init)
+        source += rebuilt
     expected = expected_shapes(config)
     fresh = [k for k in expected if k not in weights]
-    not_allowed = [k for k in fresh if not (config.multi_scale and k.startswith(NEW_IN_MULTI_SCALE))]
+    not_allowed = [k for k in fresh if not may_start_fresh(k, config)]
     unexpected = [k for k in weights if k not in expected]
     wrong = [k for k in expected if k in weights and weights[k].shape != expected[k]]
     if not_allowed or unexpected or wrong:
@@ -93,7 +137,10 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> Initial
             for label, keys in (("missing", not_allowed), ("unexpected", unexpected), ("wrong shape", wrong))
             if keys
         )
-        raise PixartError(f"model.init: {init} does not fit the recipe's model ({detail})")
+        hint = ""
+        if any(_NEW_KV_COMPRESSION.match(k) for k in unexpected):
+            hint = "; it compresses keys and values (PixArt-Σ): state its layers in model.config.kv_compress"
+        raise PixartError(f"model.init: {init} does not fit the recipe's model ({detail}){hint}")
     return InitialWeights(weights, fresh, source, from_dit, prediction_type, "ema" if use_ema else "model")
 
 

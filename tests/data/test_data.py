@@ -270,10 +270,12 @@ def test_resize_and_centre_crop_geometry():
 
 
 def test_bucket_tables():
-    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as diffusers_tables
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha_tables
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma_tables
 
-    for base in (256, 512, 1024):  # ours (the 1024 table, scaled for 256 and 512) are diffusers', key order included
-        official = getattr(diffusers_tables, f"ASPECT_RATIO_{base}_BIN")
+    # Ours (the 1024 table, scaled for 256 and 512; PixArt-Σ's 2K table) are diffusers', key order included.
+    for base in (256, 512, 1024, 2048):
+        official = getattr(alpha_tables if base < 2048 else sigma_tables, f"ASPECT_RATIO_{base}_BIN")
         assert list(official_bucket_table(base).items()) == [(k, (int(h), int(w))) for k, (h, w) in official.items()]
         assert make_bucket_table(base, 16) == official_bucket_table(base)
     small = make_bucket_table(32, 16)

@@ -836,3 +836,38 @@ def test_cli_refuses_a_batch_beyond_memory_before_creating_anything(models, tmp_
     result = _sample(*args, "--batch-size", "1")
     assert result.exit_code == 0, result.output
     assert "wrote 2 images" in result.stdout
+
+
+def test_sigma_model_matches_diffusers_sigma_pipeline(tmp_path, tiny_t5):
+    """PixArt-Σ's shapes: 300-token captions, an SDXL-style VAE (scaling factor 0.13025), no size conditioning.
+    `pixart convert --t5 --vae` writes a PixArtSigmaPipeline, and our images equal its own (±2/255)."""
+    import diffusers
+
+    vae = make_tiny_vae(tmp_path / "sdxl-vae", scaling_factor=0.13025, seed=3)
+    config = dataclasses.replace(TINY, max_length=300, interpolation_scale=2.0, input_size=16)
+    ours_dir = make_tiny_pixart(
+        tmp_path / "sigma", config, text_encoder=str(tiny_t5), vae=str(vae), null_caption="t5-empty", seed=4
+    )
+    result = runner.invoke(app, ["convert", str(ours_dir), "-o", str(tmp_path / "pipe"), "--to", "diffusers",
+                                 "--t5", str(tiny_t5), "--vae", str(vae)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["_class_name"] == "PixArtSigmaPipeline"
+    assert read_any(tmp_path / "pipe").config.max_length == 300  # a Σ pipeline's caption length, read back
+
+    pipe = diffusers.PixArtSigmaPipeline.from_pretrained(str(tmp_path / "pipe"))
+    assert pipe.vae.config.scaling_factor == 0.13025
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler(**PUBLISHED_SCHEDULERS["dpm-solver"][1])
+    pipe.set_progress_bar_config(disable=True)
+    long_prompt = " ".join(["a red square above a blue circle"] * 30)  # > 120 tokens: Σ reads all of it
+    prompts = [PROMPTS[0], long_prompt]
+    ours = Pipeline.from_pretrained(ours_dir, device="cpu", clean_captions=False)
+    assert ours.text_encoder.max_length == 300
+    images = _array(ours(prompts, sampler="dpm-solver", steps=12, cfg=4.5, seed=11, height=128, width=192))
+    noise, _ = seeded_noise([11, 11], (4, 16, 24))
+    reference = pipe(
+        prompts, num_inference_steps=12, guidance_scale=4.5, latents=noise, height=128, width=192,
+        clean_caption=False, use_resolution_binning=False, max_sequence_length=300, output_type="np",
+    ).images  # fmt: skip
+    reference = np.round(reference * 255).astype(np.int16)
+    assert np.abs(images - reference).max() <= 2
+    assert (images[0] != images[1]).any()

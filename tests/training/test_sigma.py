@@ -1,0 +1,88 @@
+"""PixArt-Σ's weak-to-strong steps at tiny size (the ShapesWorld recipes from the shipped demo), and the transitions
+that are refused: another caption length without rebuilding the null caption, a KV-compressed checkpoint for a model
+without compression."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pixart_cli.checkpoints.format import load_checkpoint
+from pixart_cli.cli import app
+from pixart_cli.components.text import TextEncoder
+from pixart_cli.models import KVCompress
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def tiny(recipe: str, out: Path, *extra: str) -> list[str]:
+    """`pixart train` on a recipes/shapes recipe at tiny size: 16 generated scenes, 2 steps of 4."""
+    return [
+        "train", str(ROOT / "recipes" / "shapes" / recipe),
+        "--set", f"data.path={out / 'data' / 'manifest.jsonl'}", "--set", f"data.cache={out / 'cache'}",
+        "--set", "data.shapes.n=16", "--set", "validation.every=0", "--set", "train.steps=2",
+        "--set", "train.batch_size=4", "--set", f"output.dir={out / 'run'}", "--set", "log.sample_every=0", *extra,
+    ]  # fmt: skip
+
+
+def one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert all(n in lines[0] for n in needles), lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sigma")
+    out = {}
+    for name in ("sigma-tokens", "sigma-kvcompress"):
+        result = runner.invoke(app, tiny(f"{name}.yaml", root / name))
+        assert result.exit_code == 0, result.output
+        out[name] = root / name / "run"
+    return out
+
+
+def test_longer_captions_start_from_the_demo_with_a_rebuilt_null_caption(runs):
+    demo = load_checkpoint(ROOT / "pixart_cli" / "shapesworld" / "assets" / "shapes-demo")
+    adapted = load_checkpoint(runs["sigma-tokens"] / "checkpoints" / "step-0000002")
+    assert adapted.config.max_length == 128 and demo.config.max_length == 64
+    expected = TextEncoder(demo.meta.text_encoder, max_length=128).encode([""]).embeddings[0]
+    null = adapted.state_dict["y_embedder.y_embedding"]  # a buffer: training leaves it as the init made it
+    source_dtype = demo.state_dict["y_embedder.y_embedding"].dtype  # the demo ships fp16: rebuilt in its dtype
+    torch.testing.assert_close(null, expected.to(source_dtype).to(null.dtype), rtol=0, atol=0)
+
+
+def test_kv_compression_starts_from_the_demo_with_average_pooling_layers(runs):
+    adapted = load_checkpoint(runs["sigma-kvcompress"] / "checkpoints" / "step-0000002")
+    assert adapted.config.kv_compress == KVCompress((3, 4, 5), "conv", 2)
+    assert adapted.config.input_size == 128 and adapted.config.interpolation_scale == 4.0
+    assert "blocks.5.attn.sr.weight" in adapted.state_dict and "blocks.2.attn.sr.weight" not in adapted.state_dict
+    # The sampler runs it at its trained size.
+    result = runner.invoke(app, ["sample", "a red circle", "-m", str(runs["sigma-kvcompress"]), "--steps", "2",
+                                 "-n", "1", "-o", str(runs["sigma-kvcompress"].parent / "samples")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
+def test_another_caption_length_without_the_rebuild_is_one_error_and_writes_nothing(runs, tmp_path):
+    out = tmp_path / "no-rebuild"
+    result = runner.invoke(app, tiny("sigma-tokens.yaml", out, "--set", "model.rebuild_null_caption=false"))
+    one_line_error(result, "64-token captions", "128", "model.rebuild_null_caption")
+    assert not (out / "run").exists()
+    # The reverse: the 128-token model into a recipe for 64 tokens (a Σ-style checkpoint where α is expected).
+    result = runner.invoke(app, tiny("stage3.yaml", tmp_path / "back", "--set", f"model.init={runs['sigma-tokens']}"))
+    one_line_error(result, "128-token captions", "64")
+    assert not (tmp_path / "back" / "run").exists()
+
+
+def test_a_compressed_checkpoint_needs_the_compression_in_the_recipe(runs, tmp_path):
+    out = tmp_path / "uncompressed"
+    args = tiny("sigma-kvcompress.yaml", out, "--set", f"model.init={runs['sigma-kvcompress']}")
+    args += ["--set", "model.config={depth: 6, hidden_size: 240, num_heads: 4, patch_size: 4, input_size: 128, "
+             "in_channels: 3, caption_channels: 64, max_length: 64, interpolation_scale: 4.0}"]  # fmt: skip
+    one_line_error(runner.invoke(app, args), "unexpected: blocks.3.attn.norm", "model.config.kv_compress")
+    assert not (out / "run").exists()
