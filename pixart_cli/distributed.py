@@ -65,13 +65,16 @@ class Dist:
             leave_process_group()
 
 
-def leave_process_group() -> None:
-    """Destroy this process's default process group, if it has one, once its communication threads are idle.
+def leave_process_group(destroy: bool = True) -> None:
+    """Leave this process's default process group, if it has one, once gloo's threads are idle.
 
-    Every multi-process command ends here: the library at the end of its work (after a last barrier), the CLI on
-    any other way out (an error, a signal), so no launch aborts or hangs on its way out.
+    Every multi-process command ends here: the library at the end of its work (after a last barrier, ``destroy``),
+    and the CLI on any other way out (an error, an interrupt: ``destroy=False``, only the pause, since collectives
+    of other processes may still be in flight and the launcher ends the job).
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    time.sleep(GLOO_DRAIN_SECONDS)
-    torch.distributed.destroy_process_group()
+    if "gloo" in str(torch.distributed.get_backend()):
+        time.sleep(GLOO_DRAIN_SECONDS)
+    if destroy:
+        torch.distributed.destroy_process_group()

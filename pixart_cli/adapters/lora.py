@@ -46,6 +46,10 @@ def target_layers(model: nn.Module, targets: Iterable[str]) -> list[str]:
                     f"adapter.targets: {target!r} names {hit}, a {type(names[hit]).__name__}; adapters go on linear "
                     "layers and convolutions"
                 )
+            if isinstance(layer, nn.Conv2d) and layer.groups > 1:  # e.g. PixArt-Σ's depthwise attn.sr
+                raise PixartError(
+                    f"adapter.targets: {target!r} names {hit}, a grouped convolution, which takes no low-rank adapter"
+                )
             found[hit] = None
     return sorted(found)
 

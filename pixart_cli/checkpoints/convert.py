@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -44,6 +45,8 @@ from pixart_cli.models.layers import PREDICTION_TYPES, sincos_pos_embed_2d
 SourceFormat = Literal["pixart", "official", "diffusers-transformer", "diffusers-pipeline", "dit"]
 TargetFormat = Literal["pixart", "official", "diffusers"]
 StateDict = dict[str, torch.Tensor]
+
+logger = logging.getLogger(__name__)
 
 # Official keys that are not weights of ours, and why they are dropped on import.
 OFFICIAL_DROPPED = {"pos_embed": "fixed sin-cos buffer; recomputed, and checked against the stored copy"}
@@ -534,6 +537,16 @@ def _check_pipeline_has_vae(checkpoint: Checkpoint, vae: str | None) -> None:
 
 def write_official(checkpoint: Checkpoint, dst: str | Path, overwrite: bool = False) -> Path:
     _check_records_prediction(checkpoint, "the official .pth format")
+    kv = checkpoint.config.kv_compress
+    if kv is not None and kv.sampling != "conv":  # conv has weights that say so; ave and uniform leave no trace
+        logger.warning(
+            "%s: %s compression of keys and values has no weights, so the official file does not record it; "
+            "state it again where it is loaded (official: kv_compress_config; pixart: model.config.kv_compress "
+            "with layers %s)",
+            dst,
+            kv.sampling,
+            list(kv.layers),
+        )
     payload = {"state_dict": ours_to_official(checkpoint.state_dict, checkpoint.config)}
     if checkpoint.ema_state_dict is not None:
         payload["state_dict_ema"] = ours_to_official(checkpoint.ema_state_dict, checkpoint.config)

@@ -138,7 +138,7 @@ def fails_cleanly(func: F) -> F:
             if "torch.distributed" in sys.modules:  # however a launched process ends, it leaves its group cleanly
                 from pixart_cli.distributed import leave_process_group
 
-                leave_process_group()
+                leave_process_group(destroy=False)  # a no-op where the command left it already
 
     return wrapper  # type: ignore[return-value]
 

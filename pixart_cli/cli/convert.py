@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import enum
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pixart_cli.cli.common import DType, JsonOpt, app, console, fails_cleanly, out, print_json
+from pixart_cli.cli.common import DType, JsonOpt, app, console, fails_cleanly, library_logging, out, print_json
 from pixart_cli.errors import PixartError
 
 
@@ -83,11 +84,12 @@ def convert(
         dtype=dtype.torch if dtype else None, t5=t5, vae=vae, num_heads=num_heads, max_length=max_length,
         overwrite=overwrite,
     )  # fmt: skip
-    if merge_lora:
-        adapters = [parse_adapter_arg(text) for text in merge_lora]
-        report = merge_into(src, output, adapters, to.value, ema=ema, **options)
-    else:
-        report = run_convert(src, output, to.value, ema=ema, **options)
+    with library_logging(logging.WARNING):  # what the conversion cannot carry over is said, not lost quietly
+        if merge_lora:
+            adapters = [parse_adapter_arg(text) for text in merge_lora]
+            report = merge_into(src, output, adapters, to.value, ema=ema, **options)
+        else:
+            report = run_convert(src, output, to.value, ema=ema, **options)
     if as_json:
         print_json(
             {

@@ -53,6 +53,7 @@ class KVCompress:
             raise ValueError("layers: name at least one layer (or leave kv_compress out)")
         if min(self.layers) < 0 or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers: must be distinct layer indices from 0, got {list(self.layers)}")
+        object.__setattr__(self, "layers", tuple(sorted(self.layers)))  # one config for one model, in any order
 
     def check_depth(self, depth: int) -> None:
         if max(self.layers) >= depth:

@@ -46,6 +46,13 @@ def resolve_size(config: PixArtConfig, downsample: int, height: int | None, widt
     if height % multiple or width % multiple:
         what = f"{downsample} (VAE) × {config.patch_size} (patch)" if downsample > 1 else "the patch size"
         raise PixartError(f"image size {width}×{height}: each side must be a multiple of {multiple} ({what})")
+    kv = config.kv_compress
+    if kv is not None and kv.sampling != "uniform" and min(height, width) < kv.scale_factor * multiple:
+        side = kv.scale_factor * multiple
+        raise PixartError(
+            f"image size {width}×{height}: this model compresses keys and values {kv.scale_factor}x per side, so "
+            f"each side must be at least {side}"
+        )
     # Far beyond the trained grid a model draws nothing useful, and the tensors can outgrow any machine: refuse
     # before anything is allocated (multi-scale models never get here: their buckets are smaller).
     patches = (height // multiple) * (width // multiple)

@@ -380,6 +380,11 @@ class Recipe:
                     f"cluster.strategy: fsdp shards AdamW's state; {self.optim.name} keeps per-matrix statistics a "
                     "shard would compute differently: use optim.name=adamw, or cluster.strategy=ddp"
                 )
+        if self.adapter is not None and self.model.rebuild_null_caption:
+            raise ValueError(
+                "model.rebuild_null_caption: an adapter trains on its base model as it is; change the caption length "
+                "in a full fine-tune first"
+            )
         if self.dreambooth is not None:
             if self.model.architecture != "PixArt" or self.model.init is None:
                 raise ValueError("dreambooth: DreamBooth fine-tunes a trained PixArt: set model.init to the base model")

@@ -64,15 +64,24 @@ def fit_null_caption(weights: dict, config: PixArtConfig, recipe: Recipe, init: 
             f'rebuilt as T5("") over {config.max_length} tokens, as PixArt-Σ\'s code does'
         )
     from pixart_cli.components.text import TextEncoder  # lazy: loads transformers
+    from pixart_cli.distributed import Dist
 
-    rebuilt = TextEncoder(recipe.data.text_encoder, max_length=config.max_length).encode([""]).embeddings[0]
+    # On this process's GPU in bf16 where there is one (T5-XXL: ~9.5 GB, released after), as the official code
+    # encodes it (fp16, on the GPU); the CPU in fp32 otherwise.
+    gpu = torch.cuda.is_available()
+    device = Dist.from_environment().device("cuda" if gpu else "cpu")
+    text = TextEncoder(
+        recipe.data.text_encoder, max_length=config.max_length, dtype=torch.bfloat16 if gpu else None, device=device
+    )
+    rebuilt = text.encode([""]).embeddings[0].float().cpu()
+    text.release()
     if rebuilt.shape != (config.max_length, null.shape[1]):
         raise PixartError(
             f"model.rebuild_null_caption: data.text_encoder gives {rebuilt.shape[1]}-wide features, the model "
             f"takes {null.shape[1]}"
         )
     done = f'; null caption rebuilt as T5("") over {config.max_length} tokens (it had {rows})'
-    return {**weights, NULL_CAPTION: rebuilt.detach().to("cpu", null.dtype)}, done
+    return {**weights, NULL_CAPTION: rebuilt.detach()}, done  # float32: the buffer's own dtype
 
 
 class InitialWeights(NamedTuple):
@@ -139,7 +148,10 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> Initial
         )
         hint = ""
         if any(_NEW_KV_COMPRESSION.match(k) for k in unexpected):
-            hint = "; it compresses keys and values (PixArt-Σ): state its layers in model.config.kv_compress"
+            hint = (
+                "; it compresses keys and values by conv (PixArt-Σ): model.config.kv_compress must name its layers "
+                "with sampling conv"
+            )
         raise PixartError(f"model.init: {init} does not fit the recipe's model ({detail}){hint}")
     return InitialWeights(weights, fresh, source, from_dit, prediction_type, "ema" if use_ema else "model")
 

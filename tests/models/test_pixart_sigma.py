@@ -166,3 +166,24 @@ def test_kv_compressed_model_to_diffusers_is_one_error_and_writes_nothing(tmp_pa
         result.output.startswith("error:") and "no KV compression" in result.output and "layers 2, 3" in result.output
     )
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_edges_of_compression_are_clean_errors():
+    from pixart_cli.adapters.lora import target_layers
+    from pixart_cli.errors import PixartError
+    from pixart_cli.sampling.size import resolve_size
+
+    assert KVCompress((3, 1)) == KVCompress((1, 3))  # one config for one model, in any order
+    with pytest.raises(PixartError, match="at least 32"):  # a 1-patch-high grid has no 2×2 window to pool
+        resolve_size(SIGMA_KV, 8, 16, 64)
+    assert resolve_size(SIGMA_KV, 8, 32, 64) == (32, 64)
+    with pytest.raises(PixartError, match="grouped convolution"):  # the depthwise attn.sr takes no LoRA
+        target_layers(build_pixart(SIGMA_KV), ["attn.sr"])
+
+
+def test_weightless_compression_to_official_is_said_out_loud(tmp_path):
+    config = dataclasses.replace(SIGMA, kv_compress=KVCompress((3,), "ave"))
+    src = save_checkpoint(Checkpoint(config, build_pixart(config).state_dict(), None), tmp_path / "ours")
+    result = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "ave.pth"), "--to", "official"])
+    assert result.exit_code == 0 and "does not record it" in result.output, result.output
+    assert read_official(tmp_path / "ave.pth", num_heads=4).config.kv_compress is None
