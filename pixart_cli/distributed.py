@@ -20,9 +20,9 @@ import torch
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 
 # gloo's worker threads (torch 2.13) release each finished collective after its caller has woken, and the release
-# takes the GIL. A process that exits in that moment aborts ("terminate called without an active exception": 4 of 40
-# four-process CPU launches on two cores), and one that destroys its group then, the GIL held, waits forever. A
-# pause without the GIL before leaving lets the threads finish: 0 of 40 (experiments/2026-12-07-gloo-teardown).
+# takes the GIL. A process that exits in that moment aborts ("terminate called without an active exception": 12 of
+# 70 four-process CPU launches on two cores), and one that destroys its group then, the GIL held, waits forever. A
+# pause without the GIL before leaving lets the threads finish: 0 of 100 (experiments/2026-12-07-gloo-teardown).
 GLOO_DRAIN_SECONDS = 0.5
 
 

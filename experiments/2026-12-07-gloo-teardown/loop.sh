@@ -1,5 +1,5 @@
 #!/bin/bash
-# usage: MODE=open|destroy|drain ./loop.sh N   — N four-process launches; counts hangs (60 s) and failed exits
+# usage (in the project environment): MODE=open|destroy|drain ./loop.sh N — N four-process launches; counts hangs (60 s) and failed exits
 cd "$(dirname "$0")"
 hangs=0; fails=0
 for i in $(seq "$1"); do
