@@ -81,6 +81,7 @@ def run_arm(arm: str, args: argparse.Namespace, done: set[tuple], results: Path)
         row = {
             "arm": arm,
             "step": 0,
+            "batch": args.batch,
             "images_per_s": None,
             **score("builtin:shapes-demo", out / "eval-demo", args.limit),
         }
@@ -91,18 +92,22 @@ def run_arm(arm: str, args: argparse.Namespace, done: set[tuple], results: Path)
         if (arm, step) in done:
             continue
         checkpoint = out / "checkpoints" / f"step-{step:07d}"
-        row = {"arm": arm, "step": step, "images_per_s": round(images_per_second(out / "metrics.jsonl"), 2),
+        row = {"arm": arm, "step": step, "batch": args.batch,
+               "images_per_s": round(images_per_second(out / "metrics.jsonl"), 2),
                **score(str(checkpoint), out / "eval" / f"step-{step:07d}", args.limit)}  # fmt: skip
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| arm | step | train img/s | colour | shape | spatial | complex |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | step × batch | train img/s | colour | shape | spatial | complex |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         speed = "" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}"
         scores = " | ".join(f"{r[k]:.3f}" for k in REPORTED)
-        lines.append(f"| {r['arm']} | {r['step']} | {speed} | {scores} |")
+        lines.append(f"| {r['arm']} | {r['step']} × {r['batch']} | {speed} | {scores} |")
     return "\n".join(lines)
 
 
