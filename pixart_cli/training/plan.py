@@ -15,7 +15,9 @@ from pixart_cli.checkpoints.format import build_model, latest_in_run
 from pixart_cli.config import to_dict
 from pixart_cli.data.sources import expand_braces, is_shard_pattern
 from pixart_cli.errors import PixartError
-from pixart_cli.models import DiTConfig
+from pixart_cli.models import DiTConfig, PixArtConfig
+from pixart_cli.models.layers import SelfAttention
+from pixart_cli.models.pixart_sigma import KVCompressAttention
 from pixart_cli.precision import choose_precision, describe_cpu
 from pixart_cli.training.optimizers import STATE_BYTES_PER_PARAM as OPTIMIZER_STATE_BYTES
 from pixart_cli.training.recipe import Recipe
@@ -87,8 +89,7 @@ def count_parameters(recipe: Recipe) -> tuple[int, int]:
     or memory for any depth, and a clear error for sizes no tensor can have."""
     config = recipe.model_config()
     kv = getattr(config, "kv_compress", None)
-    # KV compression makes some blocks larger: counted alone (a depthwise conv and a norm where it has weights).
-    extra = len(kv.layers) * config.hidden_size * (kv.scale_factor**2 + 3) if kv and kv.sampling == "conv" else 0
+    extra = _kv_compression_parameters(config) if kv else 0  # compressed blocks differ: counted on their own
     counts = []
     for depth in (1, 2):
         try:
@@ -108,6 +109,16 @@ def count_parameters(recipe: Recipe) -> tuple[int, int]:
         one_trainable + (config.depth - 1) * (two_trainable - one_trainable),
     )
     return every + extra, trainable + (extra if recipe.adapter is None else 0)
+
+
+def _kv_compression_parameters(config: PixArtConfig) -> int:
+    """What KV compression adds to the compressed layers' attention (conv: a depthwise conv and a norm)."""
+    kv = config.kv_compress
+    with torch.device("meta"):
+        compressed = KVCompressAttention(config.hidden_size, config.num_heads, kv.sampling, kv.scale_factor)
+        plain = SelfAttention(config.hidden_size, config.num_heads)
+    added = sum(p.numel() for p in compressed.parameters()) - sum(p.numel() for p in plain.parameters())
+    return len(kv.layers) * added
 
 
 def memory_estimate(

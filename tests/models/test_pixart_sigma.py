@@ -149,7 +149,7 @@ def test_official_sigma_layout_round_trips_bit_identically(tmp_path):
 def test_official_config_reads_the_compression_from_the_weights():
     sd = build_pixart(SIGMA_KV).state_dict()
     sd["pos_embed"] = torch.zeros(1, 64, 48)
-    with pytest.raises(Exception, match="pos_embed"):  # a buffer that is not the sin-cos embedding is refused later
+    with pytest.raises(Exception, match="pos_embed"):  # without it the base resolution is unknown
         official_config({k: v for k, v in sd.items() if k != "pos_embed"}, num_heads=4)
     from pixart_cli.checkpoints.convert import expected_pos_embed
 

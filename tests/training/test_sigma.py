@@ -93,3 +93,15 @@ def test_an_adapter_cannot_change_the_caption_length():
     result = runner.invoke(app, ["train", str(ROOT / "recipes" / "lora-xl512.yaml"), "--dry-run",
                                  "--set", "model.rebuild_null_caption=true"])  # fmt: skip
     one_line_error(result, "model.rebuild_null_caption", "adapter")
+
+
+def test_dry_run_counts_the_compression_layers():
+    from pixart_cli.checkpoints.format import build_model
+    from pixart_cli.training.plan import count_parameters
+    from pixart_cli.training.recipe import load_recipe
+
+    recipe, _ = load_recipe(ROOT / "recipes" / "sigma" / "1024ms-kvcompress.yaml")
+    with torch.device("meta"):
+        model = build_model(recipe.model_config())
+    every = sum(p.numel() for p in model.parameters())
+    assert count_parameters(recipe) == (every, every)
