@@ -12,6 +12,7 @@ from pixart_cli.cli import (
     prepare,  # noqa: F401
     sample,  # noqa: F401
     selfcheck,  # noqa: F401
+    serve,  # noqa: F401
     train,  # noqa: F401
 )
 from pixart_cli.cli.common import app
