@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--eval-scenes", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--init", type=Path, default=None, help="continue from this saved AutoencoderKL (new lr cycle)")
     args = parser.parse_args()
     if args.steps < 1 or args.eval_scenes < 1:
         parser.error("--steps and --eval-scenes must be at least 1")
@@ -137,7 +138,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
 
-    vae = build_autoencoder(args.levels, args.latent_channels, args.width, args.resolution, args.seed)
+    if args.init is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(args.init))
+        vae.register_to_config(scaling_factor=1.0)  # measured again at the end
+    else:
+        vae = build_autoencoder(args.levels, args.latent_channels, args.width, args.resolution, args.seed)
     parameters = sum(p.numel() for p in vae.parameters())
     eval_scenes, eval_pixels = scene_batch(EVAL_SEED, 0, args.eval_scenes, args.resolution, "all")
     downsample = 2**args.levels

@@ -46,18 +46,23 @@ def may_start_fresh(key: str, config: PixArtConfig) -> bool:
     return match is not None and config.compresses(int(match.group(1)))
 
 
-def fit_null_caption(weights: dict, config: PixArtConfig, recipe: Recipe, init: str) -> tuple[dict, str]:
+def fit_null_caption(
+    weights: dict, config: PixArtConfig, recipe: Recipe, init: str, placeholder: bool = False
+) -> tuple[dict, str]:
     """Weights whose null caption has the recipe's caption length, and what was done (empty: nothing).
 
     The null caption (``y_embedding``, the unconditional input) has one row per caption token. Moving to another
     length (PixArt-α's 120 → PixArt-Σ's 300) needs a new one: as PixArt-Σ's code does on every load
     (``diffusion/utils/checkpoint.py``), T5("") padded to the new length, through ``data.text_encoder``.
+    ``placeholder``: the source kept none (diffusers weights: conversion filled in random values, and their
+    pipelines guide with T5("")), so it is built that way whatever the length: caption dropout then trains the
+    unconditional input the model was trained with, not a random one.
     """
     null = weights.get(NULL_CAPTION)
-    if null is None or null.shape[0] == config.max_length:
+    if null is None or (null.shape[0] == config.max_length and not placeholder):
         return weights, ""
     rows = null.shape[0]
-    if not recipe.model.rebuild_null_caption:
+    if not placeholder and not recipe.model.rebuild_null_caption:
         raise PixartError(
             f"model.init: {init} reads {rows}-token captions, the recipe's model {config.max_length} "
             f"(model.config.max_length); set model.rebuild_null_caption: true to start from it with the null caption "
@@ -80,7 +85,10 @@ def fit_null_caption(weights: dict, config: PixArtConfig, recipe: Recipe, init: 
             f"model.rebuild_null_caption: data.text_encoder gives {rebuilt.shape[1]}-wide features, the model "
             f"takes {null.shape[1]}"
         )
-    done = f'; null caption rebuilt as T5("") over {config.max_length} tokens (it had {rows})'
+    if placeholder:
+        done = f'; null caption built as T5("") over {config.max_length} tokens (diffusers weights keep none)'
+    else:
+        done = f'; null caption rebuilt as T5("") over {config.max_length} tokens (it had {rows})'
     return {**weights, NULL_CAPTION: rebuilt.detach()}, done  # float32: the buffer's own dtype
 
 
@@ -133,7 +141,9 @@ def initial_weights(recipe: Recipe, config: PixArtConfig | DiTConfig) -> Initial
         if not same_component(read, recipe.data.text_encoder):  # allowed (a switch of encoder), never unsaid
             source += f"; it learned to read {read}'s features and now reads {recipe.data.text_encoder}'s"
         prediction_type = checkpoint.config.prediction_type
-        weights, rebuilt = fit_null_caption(weights, config, recipe, init)
+        # Not under an adapter: its base must stay the weights it was read as (the adapter records their hash).
+        placeholder = checkpoint.meta.null_caption == "t5-empty" and recipe.adapter is None
+        weights, rebuilt = fit_null_caption(weights, config, recipe, init, placeholder)
         source += rebuilt
     expected = expected_shapes(config)
     fresh = [k for k in expected if k not in weights]

@@ -14,6 +14,7 @@ from pixart_cli.checkpoints.format import load_checkpoint
 from pixart_cli.cli import app
 from pixart_cli.components.text import TextEncoder
 from pixart_cli.models import KVCompress
+from pixart_cli.tiny import make_tiny_vae
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -41,9 +42,11 @@ def one_line_error(result, *needles: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sigma")
+    # The autoencoder swap's VAE at tiny size: 3 latent channels, 2x downsampling, as the recipe's.
+    vae = make_tiny_vae(root / "vae", block_out_channels=(32, 32), latent_channels=3, scaling_factor=0.7)
     out = {}
-    for name in ("sigma-tokens", "sigma-kvcompress"):
-        result = runner.invoke(app, tiny(f"{name}.yaml", root / name))
+    for name, extra in (("sigma-tokens", ()), ("sigma-kvcompress", ()), ("sigma-vae", ("--set", f"data.vae={vae}"))):
+        result = runner.invoke(app, tiny(f"{name}.yaml", root / name, *extra))
         assert result.exit_code == 0, result.output
         out[name] = root / name / "run"
     return out
@@ -67,6 +70,36 @@ def test_kv_compression_starts_from_the_demo_with_average_pooling_layers(runs):
     result = runner.invoke(app, ["sample", "a red circle", "-m", str(runs["sigma-kvcompress"]), "--steps", "2",
                                  "-n", "1", "-o", str(runs["sigma-kvcompress"].parent / "samples")])  # fmt: skip
     assert result.exit_code == 0, result.output
+
+
+def test_a_new_autoencoder_starts_from_the_pixel_space_demo_with_every_weight(runs):
+    demo = load_checkpoint(ROOT / "pixart_cli" / "shapesworld" / "assets" / "shapes-demo")
+    adapted = load_checkpoint(runs["sigma-vae"] / "checkpoints" / "step-0000002")
+    assert adapted.meta.vae.endswith("vae") and demo.meta.vae == "none"
+    assert adapted.config.input_size == 32 and adapted.config.in_channels == 3  # 64-px scenes as 32 x 32 latents
+    assert adapted.state_dict.keys() == demo.state_dict.keys()
+    # Sampled through the new decoder at the trained size: 64 px.
+    out = runs["sigma-vae"].parent / "samples"
+    result = runner.invoke(app, ["sample", "a red circle", "-m", str(runs["sigma-vae"]), "--steps", "2", "-n", "1",
+                                 "-o", str(out), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert '"width": 64' in result.stdout
+
+
+def test_a_run_from_diffusers_weights_builds_the_null_caption_diffusers_guides_with(tmp_path):
+    from pixart_cli.checkpoints.convert import write_diffusers
+
+    demo = load_checkpoint(ROOT / "pixart_cli" / "shapesworld" / "assets" / "shapes-demo")
+    write_diffusers(demo, tmp_path / "diffusers")  # diffusers keeps no null caption: reading it back fills one in
+    out = tmp_path / "from-diffusers"
+    init = ["--set", f"model.init={tmp_path / 'diffusers'}", "--set", "model.init_weights=model"]
+    result = runner.invoke(app, tiny("stage3.yaml", out, *init))
+    assert result.exit_code == 0, result.output
+    assert 'null caption built as T5("")' in result.output
+    trained = load_checkpoint(out / "run" / "checkpoints" / "step-0000002")
+    expected = TextEncoder(demo.meta.text_encoder, max_length=64).encode([""]).embeddings[0]
+    null = trained.state_dict["y_embedder.y_embedding"]
+    torch.testing.assert_close(null, expected.to(null.dtype), rtol=0, atol=0)
 
 
 def test_another_caption_length_without_the_rebuild_is_one_error_and_writes_nothing(runs, tmp_path):
