@@ -127,33 +127,37 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Shape and spatial scores (mean over seeds) against steps, one panel per adapt/scratch (or none) pair."""
+    """ShapesBench shape score (mean over seeds) against steps, one panel per adapt/scratch (or none) pair,
+    stacked; the scratch arms start at 0, the others at the demo."""
+    import tempfile
+
     from PIL import Image
 
     from pixart_cli.training.plot import line_plot
 
+    scratch = Path(tempfile.mkdtemp())  # the panels, before they are stacked
     panels = []
     for pair in ("tokens", "kv", "vae"):
         arms = sorted({r["arm"] for r in rows if r["arm"].startswith(pair + "-")})
         steps = sorted({r["step"] for r in rows if r["arm"] in arms})
+        demo = [r["shape"] for r in rows if r["arm"].startswith(pair) and r["step"] == 0]
         series = {}
         for arm in arms:
-            for metric in ("shape", "spatial"):
-                means = [statistics.mean(r[metric] for r in rows if r["arm"] == arm and r["step"] == s) for s in steps
-                         if any(r["arm"] == arm and r["step"] == s for r in rows)]  # fmt: skip
-                if len(means) == len(steps) - 1:  # no step-0 row: scratch starts at 0, the others at the demo
-                    start = [r[metric] for r in rows if r["arm"].startswith(pair) and r["step"] == 0]
-                    means = [0.0 if arm.endswith("scratch") or not start else start[0], *means]
-                if len(means) == len(steps):
-                    series[f"{arm} {metric}"] = means
+            means = {s: statistics.mean(r["shape"] for r in rows if r["arm"] == arm and r["step"] == s) for s in steps
+                     if any(r["arm"] == arm and r["step"] == s for r in rows)}  # fmt: skip
+            means.setdefault(0, 0.0 if "scratch" in arm or not demo else demo[0])
+            if len(means) == len(steps):
+                seeds = len({r["seed"] for r in rows if r["arm"] == arm})
+                series[f"{arm} ({seeds} seed{'s' if seeds > 1 else ''})"] = [means[s] for s in steps]
         if series:
-            panel = path.with_name(f"{path.stem}-{pair}.png")
-            line_plot(steps, series, panel, title=f"{pair}: ShapesBench", size=(520, 360), ylabel="score")
+            panel = scratch / f"{pair}.png"
+            title = f"{pair}: ShapesBench shape score"
+            line_plot(steps, series, panel, title=title, size=(900, 280), ylabel="shape")
             panels.append(Image.open(panel))
     if panels:
-        sheet = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), "white")
+        sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
         for i, panel in enumerate(panels):
-            sheet.paste(panel, (sum(p.width for p in panels[:i]), 0))
+            sheet.paste(panel, (0, sum(p.height for p in panels[:i])))
         sheet.save(path)
 
 

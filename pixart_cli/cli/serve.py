@@ -38,8 +38,9 @@ def serve(
 ) -> None:
     """Serve a web page for sampling (Gradio): prompts, sampler, steps, CFG, seed, size, a gallery and history.
 
-    One generation at a time. Each request's images and manifest go to a folder of its own under --output, with the
-    pixart sample command that reproduces them.
+    One generation at a time. Each request is written to a folder of its own under --output, as pixart sample writes.
+
+    The page shows, for every image, the pixart sample command that gives the same pixels.
     """
     from pixart_cli.adapters.format import parse_adapter_arg
     from pixart_cli.sampling.pipeline import default_model
