@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -58,23 +59,23 @@ def build_app(studio: Studio, title: str = "pixart"):
     """The Gradio Blocks app (not launched)."""
     gr = gradio_or_error()
     serve = studio.settings
-    # Per browser session, the cancel flag of its latest request: made when Generate is clicked (so a cancel while
-    # the request waits in the queue counts), set by Cancel, dropped when the request ends.
+    # Cancel flags by request token: a page's token (its gr.State) is made when Generate is clicked, so a cancel while
+    # the request waits in the queue counts; Cancel sets it; it is dropped when the request ends.
     cancels: dict[str, threading.Event] = {}
 
-    def session_of(session: gr.Request | None) -> str:
-        return session.session_hash if session is not None and session.session_hash else ""
+    def arm() -> tuple[str, str]:
+        token = uuid.uuid4().hex
+        cancels[token] = threading.Event()
+        return "waiting for the device…", token
 
-    def arm(session: gr.Request = None) -> str:
-        cancels[session_of(session)] = threading.Event()
-        return "waiting for the device…"
-
-    def generate(request: dict, progress=gr.Progress(), session: gr.Request = None) -> dict:
+    def generate(request: dict, progress=gr.Progress()) -> dict:
         """Generate images. ``request``: {"prompts": "...", "num_images": 2, "seed": 0, "steps": 20, ...}
         (see the docs for every field). Returns the folder, the files with their records, and the command that
         reproduces them."""
-        key = session_of(session)
-        event = cancels.setdefault(key, threading.Event())
+        return run_request(request, progress, uuid.uuid4().hex)
+
+    def run_request(request: dict, progress, token: str) -> dict:
+        event = cancels.setdefault(token, threading.Event())
         try:
             parsed = GenerationRequest.from_fields(request, serve)
 
@@ -85,8 +86,7 @@ def build_app(studio: Studio, title: str = "pixart"):
         except PixartError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         finally:
-            if cancels.get(key) is event:
-                del cancels[key]
+            cancels.pop(token, None)
         return {
             "folder": None if result.folder is None else str(result.folder),
             # "saved_to", not "path": Gradio's client takes a "path" key for a file to download
@@ -96,7 +96,7 @@ def build_app(studio: Studio, title: str = "pixart"):
         }
 
     def page_generate(prompts, negative, sampler, steps, cfg, seed, random_seed, count, size, width, height, lora,
-                      progress=gr.Progress(), session: gr.Request = None):  # fmt: skip
+                      token, progress=gr.Progress()):  # fmt: skip
         def whole(value, name: str) -> int | None:  # the page's numbers: empty or 0 means the default
             if value is None or value == 0:
                 return None
@@ -114,7 +114,7 @@ def build_app(studio: Studio, title: str = "pixart"):
             "width": whole(width, "width"), "height": whole(height, "height"),
             "lora": lora if lora and lora != "none" else None,
         }  # fmt: skip
-        done = generate(fields, progress, session)
+        done = run_request(fields, progress, token)
         entries = _entries(studio.history(HISTORY))
         if done["folder"] is None:
             status = "cancelled before it started"
@@ -124,8 +124,8 @@ def build_app(studio: Studio, title: str = "pixart"):
         first = done["images"][0] if done["images"] else None
         return [(e["file"], _label(e["record"])) for e in entries], entries, first, done["command"], status
 
-    def cancel(session: gr.Request = None) -> str:
-        event = cancels.get(session_of(session))
+    def cancel(token: str) -> str:
+        event = cancels.get(token)
         if event is None:
             return "nothing to cancel"
         event.set()
@@ -188,11 +188,12 @@ def build_app(studio: Studio, title: str = "pixart"):
                 command = gr.Textbox(label="Reproduce (the same pixels with pixart sample)", elem_id="reproduce",
                                      lines=2, buttons=["copy"])  # fmt: skip
         inputs = [prompts, negative, sampler, steps, cfg, seed, random_seed, count, size, width, height, lora]
-        run.click(arm, None, status, **private).then(
-            page_generate, inputs, [gallery, entries, details, command, status],
+        token = gr.State("")  # this page's latest request, for Cancel
+        run.click(arm, None, [status, token], **private).then(
+            page_generate, [*inputs, token], [gallery, entries, details, command, status],
             concurrency_id="device", concurrency_limit=1, api_visibility="private",
         )  # fmt: skip
-        stop.click(cancel, None, status, **private)
+        stop.click(cancel, token, status, **private)
         gallery.select(select, entries, [details, command], **private)
         app.load(load_history, None, [gallery, entries], **private)
         # The programmatic API: one JSON object in, one out (hidden from the page, listed under "Use via API").

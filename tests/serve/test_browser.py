@@ -77,3 +77,20 @@ def test_the_page_generates_two_images_equal_to_pixart_sample(server: Server, pa
         ours, theirs = Image.open(path), Image.open(tmp_path / "cli" / path.name)
         assert np.array_equal(np.asarray(ours), np.asarray(theirs))
         assert json.loads(ours.info["pixart"]) == json.loads(theirs.info["pixart"])
+
+
+def test_cancel_on_the_page_stops_the_request_and_keeps_what_was_made(server: Server, page):
+    page.goto(server.url)
+    page.locator("#prompts textarea").fill("a green triangle")
+    page.locator("#steps input").fill("400")
+    page.locator("#count input[type=number]").fill("8")
+    page.locator("#count input[type=number]").press("Enter")
+    page.locator("#generate").click()
+    page.wait_for_timeout(1500)
+    page.locator("#cancel").click()
+    status = page.locator("#status")
+    status.filter(has_text="cancelled").wait_for(timeout=120_000)
+    text = status.inner_text().strip()
+    if "in " in text:  # it had started: the images it finished are there, with their records
+        folder = Path(re.search(r"in (\S+)$", text).group(1).strip("`"))
+        assert len(list(folder.glob("*.png"))) < 8
