@@ -46,6 +46,7 @@ def serve(
     from pixart_cli.sampling.pipeline import default_model
     from pixart_cli.serve import ServeSettings
     from pixart_cli.serve import serve as run_server
+    from pixart_cli.serve.web import gradio_or_error
 
     def absolute(path: str | None) -> str | None:  # the reproduce command then runs from any directory
         return str(Path(path).resolve()) if path and Path(path).exists() else path
@@ -65,6 +66,7 @@ def serve(
     def ready(url: str) -> None:
         out.print(f"serving {model} at {url} (images in {output}); Ctrl+C stops", soft_wrap=True, highlight=False)
 
+    gradio_or_error()  # a missing extra is one line, before anything loads
     quiet_hub_libraries()
     console.print(f"loading {model}", highlight=False)
     with library_logging():
