@@ -25,7 +25,7 @@ from pathlib import Path
 from pixart_cli.errors import PixartError
 from pixart_cli.io import atomic_file
 from pixart_cli.sampling.settings import SampleSettings
-from pixart_cli.sampling.solvers import MAX_STEPS
+from pixart_cli.sampling.solvers import DEFAULT_CFG, MAX_STEPS
 from pixart_cli.sampling.writer import MANIFEST, read_manifest
 
 REQUEST_FILE = "request.json"
@@ -122,7 +122,7 @@ class GenerationRequest:
                 f"num_images: {len(prompts)} prompt(s) × {count} image(s) is {count * len(prompts)}; this server "
                 f"makes 1 to {serve.max_images} images a request"
             )
-        cfg = fields.get("cfg", 4.5)
+        cfg = fields.get("cfg", DEFAULT_CFG)
         if not 0 <= cfg <= 100:  # NaN fails too; int-float comparisons are exact (no overflow for huge ints)
             raise PixartError(f"cfg must be a number from 0 to 100, got {str(cfg)[:24]}")
         cfg = float(cfg)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pixart_cli.errors import PixartError
-from pixart_cli.sampling.solvers import SAMPLERS
+from pixart_cli.sampling.solvers import DEFAULT_CFG, SAMPLERS
 from pixart_cli.serve.studio import GenerationRequest, Studio, read_request
 
 HISTORY = 200  # images shown from earlier requests
@@ -108,21 +108,21 @@ def build_app(studio: Studio, title: str = "pixart"):
             width, height = (int(v) for v in size.split("×"))
         fields: dict[str, Any] = {
             "prompts": prompts or "", "negative_prompt": negative or None, "sampler": sampler,
-            "steps": whole(steps, "steps"), "cfg": float(cfg if cfg is not None else 4.5),
+            "steps": whole(steps, "steps"), "cfg": float(cfg if cfg is not None else DEFAULT_CFG),
             "num_images": whole(count, "images per prompt") or 1,
             "seed": None if random_seed else whole(seed, "seed") or 0,
             "width": whole(width, "width"), "height": whole(height, "height"),
             "lora": lora if lora and lora != "none" else None,
         }  # fmt: skip
         done = run_request(fields, progress, token)
-        entries = _entries(studio.history(HISTORY))
+        gallery, entries = load_history()
         if done["folder"] is None:
             status = "cancelled before it started"
         else:
             shown = "cancelled: " if done["cancelled"] else ""
             status = f"{shown}{len(done['images'])} image(s) in `{done['folder']}`"
         first = done["images"][0] if done["images"] else None
-        return [(e["file"], _label(e["record"])) for e in entries], entries, first, done["command"], status
+        return gallery, entries, first, done["command"], status
 
     def cancel(token: str) -> str:
         event = cancels.get(token)
@@ -165,7 +165,7 @@ def build_app(studio: Studio, title: str = "pixart"):
                     sampler = gr.Dropdown(list(SAMPLERS), value="dpm-solver", label="Sampler", elem_id="sampler")
                     steps = gr.Number(value=0, label="Steps (0: the sampler's default)", precision=0, minimum=0,
                                       elem_id="steps")  # fmt: skip
-                    cfg = gr.Number(value=4.5, label="CFG", minimum=0, maximum=100, elem_id="cfg")
+                    cfg = gr.Number(value=DEFAULT_CFG, label="CFG", minimum=0, maximum=100, elem_id="cfg")
                 with gr.Row():
                     seed = gr.Number(value=0, label="Seed", precision=0, minimum=0, elem_id="seed")
                     random_seed = gr.Checkbox(value=False, label="Random seed", elem_id="random-seed")
